@@ -1,0 +1,77 @@
+"""The `t2i` command.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+this file only wires them up and turns user errors into one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# (name, module, help). `data` takes a second word (`t2i data shapes`); see pipelines/data.py.
+COMMANDS = [
+    ("data", "pipelines.data", "write data sets (the synthetic shapes set) as WebDataset shards"),
+    ("embed", "pipelines.embed", "shards -> decoded images + text embeddings (Parquet), on Ray Data"),
+    ("train", "pipelines.train", "train a model on an embedded dataset with Ray Train"),
+    ("generate", "pipelines.generate", "prompt file -> images with a registered model, on Ray Data"),
+    ("registry", "pipelines.registry_cli", "list, show and alias registered models"),
+    ("demo", "pipelines.demo", "the whole flow end to end on the embedded defaults"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="t2i",
+        description="t2i: text-to-image data and training pipelines on Ray (embed, train, generate).",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_ in COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # a subcommand not built into this install
+                continue
+            raise
+        sp = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from t2i.errors import T2IError
+
+    try:
+        return int(args._run(args) or 0)
+    except T2IError as e:
+        if debug:
+            raise
+        print(f"t2i {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Config: frozen dataclasses in, plain JSON/YAML data out.
+
+Presets are Python functions that return these dataclasses (see `t2i.models`). Job files are
+plain data validated against the dataclasses: unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from t2i.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str | None = None) -> T:
+    """Build dataclass `cls` from plain data; unknown or mistyped keys raise ConfigError."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def replace(cfg: T, **overrides: Any) -> T:
+    """dataclasses.replace that validates override names and types like a job file would."""
+    data = to_dict(cfg)
+    for k, v in overrides.items():
+        if k not in data:
+            raise ConfigError(f"{type(cfg).__name__}: unknown key {k!r}")
+        data[k] = v
+    return from_dict(type(cfg), data)
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a JSON or YAML job/config file as plain data, with the file named in any error."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # the parser's message names line and column
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'}: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Which text encoder produced (or must produce) the text features.
+
+    kind: "encoder" (BERT/MiniLM, mean-pooled), "t5" (T5 encoder stack, mean-pooled) or
+    "decoder" (causal LLM: states of `hidden_layer`, pooled = last real token).
+    """
+
+    name: str = "all-MiniLM-L6-v2"  # a local path, a packaged name, or a hub name (offline cache)
+    kind: str = "encoder"
+    hidden_layer: int = -1  # which hidden_states entry to keep (decoder LLMs: often -2 or mid-stack)
+    max_tokens: int = 64
+    prefix: str = ""  # instruction prefix for decoder LLMs; its tokens are dropped from the output
+    dim: int = 384  # filled in from the model when it loads
+    revision: str = ""  # digest of the weights, recorded in manifests/cards
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by both families (model configs live with their models)."""
+
+    steps: int = 2000
+    batch_size: int = 64  # global: fixed whatever the number of workers
+    lr: float = 2e-4
+    lr_d: float = 0.0  # GAN discriminator LR; 0 = same as lr
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 0
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 0  # 0 = at checkpoints only

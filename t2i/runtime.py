@@ -1,0 +1,95 @@
+"""Device, dtype, distributed setup and seeding: the one place that decides them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("t2i")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None = run in fp32
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(device: str = "auto", threads: int | None = None, precision: str = "auto") -> Runtime:
+    """Pick device and autocast dtype, read the distributed rank, set threads. Logs why.
+
+    precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "bf16" or "fp32".
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if threads:
+        torch.set_num_threads(threads)
+
+    if precision == "fp32":
+        dtype, why = None, "fp32 requested"
+    elif precision == "bf16":
+        dtype, why = torch.bfloat16, "bf16 requested"
+    elif dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype, why = torch.bfloat16, f"bf16 autocast: {torch.cuda.get_device_name(dev)} supports bf16"
+    elif dev.type == "cuda":
+        dtype, why = None, "fp32: this GPU has no bf16 (fp16 would need loss scaling)"
+    else:
+        dtype, why = None, "fp32: CPU autocast is slower than fp32 for these models"
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rt = Runtime(dev, dtype, rank, world, local_rank)
+    if rt.is_main:
+        log.info("runtime: device=%s threads=%d world=%d; %s", dev, torch.get_num_threads(), world, why)
+    return rt
+
+
+def seed_from(*parts: object) -> int:
+    """A 63-bit seed from any parts (sample ids, a base seed, a step): stable across processes.
+
+    Python's hash() is salted per process, so it cannot be used for this.
+    """
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def generator_for(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed_from(*parts))
+    return g
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return 0.0

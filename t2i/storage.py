@@ -1,0 +1,253 @@
+"""Storage URLs -> filesystems (local paths, file://, s3://, gs://, memory://) and safe writes.
+
+S3-compatible stores use the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, AWS_REGION). Credentials are never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Iterable
+
+import fsspec
+
+from t2i.errors import StorageError
+
+
+def split(url: str) -> tuple[str, str]:
+    """("s3", "bucket/key") for s3://bucket/key; ("file", "/abs/path") for a local path."""
+    url = str(url)
+    if "://" in url:
+        proto, path = url.split("://", 1)
+        proto = {"s3a": "s3", "gcs": "gs"}.get(proto, proto)
+        if proto == "file":
+            return "file", os.path.abspath(path)
+        return proto, path.rstrip("/") if path != "/" else path
+    return "file", os.path.abspath(os.path.expanduser(url))
+
+
+def s3_options() -> dict:
+    """s3fs options from the standard AWS environment (endpoint for S3-compatible stores)."""
+    opts: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    # Retries hide a dead endpoint for minutes; fail fast and say which endpoint.
+    opts["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+    return opts
+
+
+_FS_CACHE: dict = {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    proto, path = split(url)
+    key = (proto, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
+    if key not in _FS_CACHE:
+        opts = s3_options() if proto == "s3" else {}
+        if proto == "file":
+            opts = {"auto_mkdir": True}
+        _FS_CACHE[key] = fsspec.filesystem(proto, **opts)
+    return _FS_CACHE[key], path
+
+
+def url_join(base: str, *parts: str) -> str:
+    base = str(base)
+    if "://" in base:
+        return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return os.path.join(base, *parts)
+
+
+def is_local(url: str) -> bool:
+    return split(url)[0] == "file"
+
+
+def describe(url: str) -> str:
+    """The URL as shown in messages: never credentials (fsspec URLs may embed them)."""
+    proto, path = split(url)
+    return path if proto == "file" else f"{proto}://{path}"
+
+
+def _wrap(url: str, e: Exception) -> StorageError:
+    name = type(e).__name__
+    msg = str(e).splitlines()[0] if str(e) else name
+    if "NoCredentials" in name or "credentials" in msg.lower():
+        return StorageError(f"{describe(url)}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    if "EndpointConnectionError" in name or "Connect" in name or "connect" in msg.lower():
+        ep = os.environ.get("AWS_ENDPOINT_URL", "the default S3 endpoint")
+        return StorageError(f"{describe(url)}: cannot reach {ep} ({msg})")
+    if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
+        return StorageError(f"{describe(url)}: access denied")
+    return StorageError(f"{describe(url)}: {msg}")
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    try:
+        return fs.exists(path)
+    except Exception as e:
+        raise _wrap(url, e) from e
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StorageError(f"{describe(url)}: not found") from None
+    except Exception as e:
+        raise _wrap(url, e) from e
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
+def listdir(url: str) -> list[str]:
+    """Full URLs of the direct children of a directory/prefix (empty if it does not exist)."""
+    fs, path = filesystem(url)
+    proto = split(url)[0]
+    try:
+        if not fs.exists(path):
+            return []
+        names = fs.ls(path, detail=False, refresh=True) if proto == "s3" else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as e:
+        raise _wrap(url, e) from e
+    out = []
+    for n in names:
+        n = n.rstrip("/")
+        if posixpath.normpath(n) == posixpath.normpath(path):
+            continue
+        out.append(n if proto == "file" else f"{proto}://{n}")
+    return sorted(out)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomic write: readers see the old file or the whole new one, never a part."""
+    fs, path = filesystem(url)
+    proto = split(url)[0]
+    try:
+        if proto == "file":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # an object PUT is atomic
+            fs.pipe_file(path, data)
+    except Exception as e:
+        raise _wrap(url, e) from e
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def create_only(url: str, data: bytes) -> bool:
+    """Write `data` only if nothing exists at `url`; True if this call created it.
+
+    Local: O_CREAT|O_EXCL on a temp-then-link. S3: a conditional PUT (If-None-Match: *),
+    which S3 and SeaweedFS honour; two racing writers cannot both win.
+    """
+    fs, path = filesystem(url)
+    proto = split(url)[0]
+    if proto == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, fails if path exists, and the content is whole when visible
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if proto == "s3":
+        bucket, _, key = path.partition("/")
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except Exception as e:
+            text = f"{type(e).__name__} {e}"
+            if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+                return False
+            raise _wrap(url, e) from e
+    if fs.exists(path):  # other stores: best effort, not race-free
+        return False
+    write_bytes(url, data)
+    return True
+
+
+def delete(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        raise _wrap(url, e) from e
+
+
+def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(split(url)[1], exist_ok=True)
+
+
+def glob(url: str) -> list[str]:
+    fs, path = filesystem(url)
+    proto = split(url)[0]
+    try:
+        hits = fs.glob(path)
+    except Exception as e:
+        raise _wrap(url, e) from e
+    return sorted(h if proto == "file" else f"{proto}://{h}" for h in hits)
+
+
+def pyarrow_fs(url: str):
+    """(pyarrow filesystem, path) for Parquet IO, built from the same environment as fsspec."""
+    import pyarrow.fs as pafs
+
+    proto, path = split(url)
+    if proto == "file":
+        return pafs.LocalFileSystem(), path
+    if proto == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kw: dict = {"connect_timeout": 5, "request_timeout": 60}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.S3FileSystem(**kw), path
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, p = filesystem(url)
+    return PyFileSystem(FSSpecHandler(fs)), p
+
+
+def iter_files(url: str, suffixes: Iterable[str] = ()) -> list[str]:
+    """All files below a directory/prefix, recursively, filtered by suffix."""
+    fs, path = filesystem(url)
+    proto = split(url)[0]
+    try:
+        files = fs.find(path)
+    except Exception as e:
+        raise _wrap(url, e) from e
+    suffixes = tuple(suffixes)
+    return sorted(
+        (f if proto == "file" else f"{proto}://{f}") for f in files if not suffixes or f.endswith(suffixes)
+    )
