@@ -181,7 +181,7 @@ def create_only(url: str, data: bytes) -> bool:
             return True
         except Exception as e:
             text = f"{type(e).__name__} {e}"
-            if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+            if any(m in text for m in ("PreconditionFailed", "412", "ConditionalRequestConflict", "pre-condition")):
                 return False
             raise _wrap(url, e) from e
     if fs.exists(path):  # other stores: best effort, not race-free
