@@ -177,3 +177,17 @@ def test_minilm_matches_sentence_transformers(minilm):
     got = minilm.encode(caps).pooled.astype(np.float32)
     got /= np.linalg.norm(got, axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu(minilm):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = TextEncoder(EncoderSpec(), device="cuda")
+    caps = ["a red circle on a blue background", "a tiny purple triangle", "a crimson round disc"]
+    a, b = minilm.encode(caps), gpu.encode(caps)
+    assert a.lengths.tolist() == b.lengths.tolist() and gpu.spec == minilm.spec
+    for p, q in zip(a.pooled, b.pooled):
+        assert _cos(p, q) > 0.99
