@@ -268,7 +268,8 @@ class TextEncoder:
             bad = next(i for i, c in enumerate(captions) if not isinstance(c, str))
             raise T2IError(f"caption {bad}: expected a string, got {type(captions[bad]).__name__}")
         D = self._spec.dim
-        ids, starts, truncated = self._tokenize(captions) if captions else ([], [], np.zeros(0, bool))
+        with quiet_transformers():  # over-long captions are expected here: no "longer than max" warning
+            ids, starts, truncated = self._tokenize(captions) if captions else ([], [], np.zeros(0, bool))
         tokens: list[np.ndarray | None] = [None] * len(captions)
         pooled = np.zeros((len(captions), D), np.float16)
         # Similar lengths batched together waste less compute on padding; results go back in order.
