@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from t2i import storage
 from t2i.config import to_dict
-from t2i.errors import ConfigError, IntegrityError, T2IError
+from t2i.errors import ConfigError, IntegrityError, StorageError, T2IError
 
 FORMAT = 1
 MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
@@ -70,7 +70,7 @@ def _to_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
     return st_save(flat, metadata=metadata)
 
 
-def _from_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+def from_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
     except Exception as e:  # a file that passed its digest but is not safetensors (hand-made dir)
@@ -242,9 +242,12 @@ def read_verified(url: str, name: str, expected: dict | str) -> bytes:
     """The bytes of `url`/`name`, refused unless their sha256 is the recorded one."""
     furl = storage.url_join(url, name)
     want = expected["sha256"] if isinstance(expected, dict) else expected
-    if not storage.exists(furl):
-        raise IntegrityError(f"{storage.describe(furl)}: missing (its digest is recorded, the file is gone)")
-    data = storage.read_bytes(furl)
+    try:
+        data = storage.read_bytes(furl)
+    except StorageError:
+        if storage.exists(furl):
+            raise
+        raise IntegrityError(f"{storage.describe(furl)}: missing (its digest is recorded, the file is gone)") from None
     got = sha256(data)
     if got != want:
         raise IntegrityError(
@@ -254,7 +257,7 @@ def read_verified(url: str, name: str, expected: dict | str) -> bytes:
     return data
 
 
-def _read_files(url: str, names: tuple[str, ...]) -> dict[str, bytes]:
+def read_files(url: str, names: tuple[str, ...]) -> dict[str, bytes]:
     digests = read_digests(url)
     for name in names:
         if name not in digests:
@@ -295,12 +298,12 @@ def load_checkpoint(url: str, state=None, map_location: str | torch.device = "cp
     refused naming the first differing key.
     """
     where = storage.describe(url)
-    raw = _read_files(url, FILES)
+    raw = read_files(url, FILES)
     config = _parse_json(raw[CONFIG], f"{where}/{CONFIG}")
     meta = _parse_json(raw[META], f"{where}/{META}")
-    model = _from_safetensors(raw[MODEL], f"{where}/{MODEL}")
-    ema = _from_safetensors(raw[EMA], f"{where}/{EMA}")
-    opt_tensors = _from_safetensors(raw[OPTIMIZER], f"{where}/{OPTIMIZER}")
+    model = from_safetensors(raw[MODEL], f"{where}/{MODEL}")
+    ema = from_safetensors(raw[EMA], f"{where}/{EMA}")
+    opt_tensors = from_safetensors(raw[OPTIMIZER], f"{where}/{OPTIMIZER}")
     try:
         structure = json.loads(_metadata(raw[OPTIMIZER], f"{where}/{OPTIMIZER}")["structure"])
     except (KeyError, ValueError):
@@ -372,10 +375,10 @@ def load_weights(url: str, map_location: str | torch.device = "cpu"):
     """(model_cfg, EMA network, meta) for inference. Verifies the files it reads (EMA weights, config,
     meta) against digests.json; the optimizer state is not read."""
     where = storage.describe(url)
-    raw = _read_files(url, WEIGHT_FILES)
+    raw = read_files(url, WEIGHT_FILES)
     config = _parse_json(raw[CONFIG], f"{where}/{CONFIG}")
     meta = _parse_json(raw[META], f"{where}/{META}")
-    tensors = _from_safetensors(raw[EMA], f"{where}/{EMA}")
+    tensors = from_safetensors(raw[EMA], f"{where}/{EMA}")
     cfg, net = build_network(config["model"], tensors, f"{where}/{EMA}")
     return cfg, net.to(map_location), meta
 
