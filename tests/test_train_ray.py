@@ -1,0 +1,292 @@
+"""`t2i train` on Ray Train: DDP workers in sync, checkpoints on S3 with retention, a killed driver
+relaunched, a SIGKILLed worker recovered from the latest checkpoint, registration; and the pieces
+around it (job resolution, batches, run files, state fingerprints) without a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from t2i import storage
+from t2i.config import EncoderSpec, to_dict
+from t2i.data import embedded as E
+from t2i.data import shapes
+from t2i.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+RES = 16
+
+
+def make_embedded(url: str, encoder_path: str, num: int = 256, parts: int = 2) -> dict:
+    """A small embedded shapes set written with the dataset's own writer; returns its manifest."""
+    from t2i.text import TextEncoder
+
+    images, captions, _ = shapes.make_arrays(num, RES, seed=0)
+    enc = TextEncoder(EncoderSpec(name=encoder_path, kind="encoder", max_tokens=16))
+    out = enc.encode(captions)
+    keys = [f"s{i:05d}" for i in range(num)]
+    table = E.make_table(keys, captions, [im.tobytes() for im in images], [t.tobytes() for t in out.tokens],
+                         out.lengths.tolist(), [p.tobytes() for p in out.pooled], [f"mem#{k}" for k in keys])
+    size = -(-num // parts)
+    entries = [E.write_part(url, table.slice(i, size)) for i in range(0, num, size)]
+    manifest = E.finalize_manifest(encoder=to_dict(enc.spec), resolution=RES, parts=entries,
+                                   shards=[{"url": "mem", "read": num, "kept": num, "skipped": {}}],
+                                   truncated_captions=0, data="mem")
+    E.write_manifest(url, manifest)
+    return manifest
+
+
+def _args(**kw) -> argparse.Namespace:
+    from pipelines import train
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    argv = []
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return p.parse_args(argv)
+
+
+def _lines(url: str) -> list[dict]:
+    return [json.loads(ln) for ln in storage.read_text(url).splitlines()] if storage.exists(url) else []
+
+
+# ----------------------------------------------------------------------------- without a cluster
+
+
+def test_job_file_flags_and_refusals(tmp_path, tiny_encoders):
+    from pipelines import train
+
+    data = str(tmp_path / "emb")
+    manifest = make_embedded(data, tiny_encoders["encoder"], num=32, parts=1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({"data": data, "model": "flow-debug", "out": str(tmp_path / "run"),
+                                        "workers": 4, "train": {"steps": 7, "batch_size": 8}}))
+    job = train.resolve_job(_args(config=job_file, workers=2, steps=9))
+    assert (job.workers, job.train["steps"], job.train["batch_size"]) == (2, 9, 8)  # flags win over the file
+    model_cfg, train_cfg = train.resolve_model(job, manifest)
+    assert model_cfg.text_dim == manifest["encoder"]["dim"] == 64 and train_cfg.steps == 9
+
+    job_file.write_text(yaml.safe_dump({"data": data, "model": "flow-debug", "out": "x", "wokers": 2}))
+    with pytest.raises(ConfigError, match="'wokers'"):
+        train.resolve_job(_args(config=job_file))
+    with pytest.raises(ConfigError, match="--out is required"):
+        train.resolve_job(_args(data=data, model="flow-debug"))
+    base = dict(data=data, out=tmp_path / "r")
+    with pytest.raises(ConfigError, match="16 px images but gan-s trains at 32 px"):
+        train.resolve_model(train.resolve_job(_args(model="gan-s", **base)), manifest)
+    with pytest.raises(ConfigError, match="--batch-size 16 is not divisible by --workers 3"):
+        train.resolve_model(train.resolve_job(_args(model="flow-debug", workers=3, batch_size=16, **base)), manifest)
+    with pytest.raises(ConfigError, match="32 samples, fewer than one global batch"):
+        train.resolve_model(train.resolve_job(_args(model="flow-debug", batch_size=64, **base)), manifest)
+    with pytest.raises(ConfigError, match="below the filesystem root or bucket"):
+        train.ray_storage("s3://bucket")
+
+    # A run dir that holds another model is refused, the same model is accepted again.
+    job = train.resolve_job(_args(model="flow-debug", **base))
+    model_cfg, train_cfg = train.resolve_model(job, manifest)
+    train.write_run_config(job, model_cfg, train_cfg, manifest)
+    train.write_run_config(job, model_cfg, train_cfg, manifest)
+    wider = train.resolve_job(_args(model="flow-debug", config=_yaml(tmp_path, {"model_config": {"width": 32}}), **base))
+    m2, t2 = train.resolve_model(wider, manifest)
+    with pytest.raises(Exception, match=r"holds a run of another model \(model.width"):
+        train.write_run_config(wider, m2, t2, manifest)
+
+
+def _yaml(tmp_path, data: dict) -> Path:
+    p = tmp_path / f"job{len(list(tmp_path.glob('job*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_rows_to_batch_pads_masks_and_seeds_by_key(tmp_path, tiny_encoders):
+    from t2i.distributed import rows_to_batch
+
+    data = str(tmp_path / "emb")
+    make_embedded(data, tiny_encoders["encoder"], num=12, parts=1)
+    ds = E.load_embedded(data)
+    table = E.read_part(data, E.read_manifest(data)["parts"][0])
+    rows = E.decode_rows(table, resolution=RES, dim=64)
+    batch = rows_to_batch(rows, base_seed=3)
+    B, L = len(rows["keys"]), int(rows["lengths"].max())
+    assert batch["image"].shape == (B, RES, RES, 3) and batch["image"].dtype == torch.uint8
+    assert batch["tokens"].shape == (B, L, 64) and batch["mask"].shape == (B, L)
+    assert batch["mask"].sum(1).tolist() == rows["lengths"].tolist()
+    assert float(batch["tokens"][~batch["mask"]].abs().sum()) == 0.0  # padding is zeros
+    # Seeds depend on the key only: the same sample in another batch/order has the same seed.
+    rev = {k: v[::-1] for k, v in rows.items() if k in ("keys", "tokens")}
+    rev.update(images=rows["images"][::-1].copy(), pooled=rows["pooled"][::-1].copy(),
+               lengths=rows["lengths"][::-1].copy())
+    assert rows_to_batch(rev, base_seed=3)["seed"].tolist() == batch["seed"].tolist()[::-1]
+    assert np.array_equal(batch["image"].numpy(), ds.images[:B])
+
+
+def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
+    from pipelines.train import RunFiles
+
+    files = RunFiles(str(tmp_path))
+    files.start(0)
+    for step in (5, 10, 15):
+        files.metric({"step": step})
+    files.event({"event": "start"})
+    again = RunFiles(str(tmp_path))
+    again.start(10)  # resumed from step 10: step 15 belonged to the lost attempt
+    again.metric({"step": 15, "again": True})
+    assert [r["step"] for r in _lines(again.metrics_url)] == [5, 10, 15]
+    assert _lines(again.metrics_url)[-1]["again"] is True
+    assert [e["event"] for e in again.events()] == ["start"]
+
+
+def test_state_digests_follow_a_checkpoint_round_trip(tmp_path):
+    from t2i.checkpoint import load_checkpoint, save_checkpoint
+    from t2i.config import replace
+    from t2i.distributed import state_digests
+    from t2i.models import get_preset
+    from t2i.runtime import setup_runtime
+    from t2i.train_step import make_state, train_step
+
+    preset = get_preset("flow-debug")
+    rt = setup_runtime("cpu")
+    state = make_state(preset.model, replace(preset.train, warmup_steps=0), rt)
+    fresh = state_digests(state)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 255, (4, 16, 16, 3), dtype=torch.uint8, generator=g),
+             "tokens": torch.randn(4, 5, 384, generator=g), "mask": torch.ones(4, 5, dtype=torch.bool),
+             "pooled": torch.randn(4, 384, generator=g), "seed": torch.arange(4)}
+    for _ in range(2):
+        train_step(state, batch)
+    trained = state_digests(state)
+    assert trained["opt.model.steps"] == 2 and fresh["opt.model.steps"] == 0
+    assert all(trained[k] != fresh[k] for k in ("params", "ema", "opt.model"))
+    save_checkpoint(str(tmp_path / "ck"), state)
+    other = make_state(preset.model, preset.train, rt)
+    load_checkpoint(str(tmp_path / "ck"), other)
+    assert state_digests(other) == trained
+
+
+# ----------------------------------------------------------------------------- on the Ray cluster
+
+
+def _wait_for(pred, timeout: float, what: str, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encoders, tmp_path):
+    """Bars 1-3 in two launches (Ray Train start-up is tens of seconds per fit here):
+
+    launch A (a separate driver process) is SIGKILLed after its first checkpoint; launch B, the
+    same command, resumes from a checkpoint (not step 0), loses a worker to SIGKILL at step ~30,
+    restarts once from a checkpoint >= 20 with weights, EMA and optimizers restored, finishes at
+    exactly step 60 with identical parameters on both ranks, keeps 2 checkpoints and registers.
+    """
+    import ray
+
+    from pipelines.cli import main
+    from t2i.checkpoint import list_checkpoints, load_checkpoint
+    from t2i.config import TrainConfig, from_dict
+    from t2i.distributed import state_digests
+    from t2i.models import config_from_dict
+    from t2i.registry import Registry
+    from t2i.runtime import setup_runtime
+    from t2i.train_step import make_state
+
+    data, run, reg_url = f"{s3}/embedded", f"{s3}/runs/r1", f"{s3}/registry"
+    manifest = make_embedded(data, tiny_encoders["encoder"])
+    argv = ["train", "--data", data, "--model", "flow-debug", "--out", run, "--workers", "2", "--steps", "60",
+            "--batch-size", "16", "--checkpoint-every", "10", "--log-every", "2", "--keep", "2",
+            "--register", "shapes-flow", "--registry", reg_url]
+    events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
+
+    # Launch A: its own driver process on this cluster, killed after the first checkpoint.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    log_a = open(tmp_path / "launch_a.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], cwd=REPO, env=env, stdout=log_a,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: proc.poll() is not None or any(e["event"] == "checkpoint" for e in _lines(events_url)),
+                  420, "launch A's first checkpoint", every=0.3)
+        assert proc.poll() is None, (tmp_path / "launch_a.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "launch A's workers to be gone")
+
+    # Launch B: the same command; a worker is SIGKILLed from outside once it passes step ~30.
+    killed: list = []
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set():
+            starts = [e for e in _lines(events_url) if e["event"] == "start"]
+            steps = [r["step"] for r in _lines(metrics_url)]
+            if len(starts) == 2 and steps and max(steps) >= 28 and max(steps) > starts[1]["step"]:
+                os.kill(starts[1]["pids"][1], signal.SIGKILL)
+                killed.append(max(steps))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        assert main(argv) == 0
+    finally:
+        done.set()
+        thread.join(5)
+    assert killed and 28 <= killed[0] <= 45, killed
+
+    events = _lines(events_url)
+    starts = [e for e in events if e["event"] == "start"]
+    launch_a, launch_b = starts[0]["launch"], starts[1]["launch"]
+    assert launch_a != launch_b and starts[0]["resumed_from"] is None
+    b = [e for e in starts if e["launch"] == launch_b]
+    assert [e["attempt"] for e in b] == [1, 2], "exactly one restart in launch B"
+    assert b[0]["step"] >= 10, "the relaunched driver resumed, not from step 0"
+    assert b[1]["step"] >= 20 and b[1]["resumed_from"].endswith(f"step_{b[1]['step']:06d}")
+
+    # The restart restored exactly what was saved at that step, not a fresh init.
+    saved = [e for e in events if e["event"] == "checkpoint" and e["step"] == b[1]["step"]
+             and e["time"] < b[1]["time"]][-1]["state"]
+    assert b[1]["restored"] == saved
+    assert saved["opt.model.steps"] == b[1]["step"]
+    cfg = json.loads(storage.read_bytes(storage.url_join(run, "config.json")))
+    fresh = state_digests(make_state(config_from_dict(cfg["model"]), from_dict(TrainConfig, cfg["train"]),
+                                     setup_runtime("cpu")))
+    assert saved["ema"] != fresh["ema"] and saved["opt.model"] != fresh["opt.model"]
+
+    end = [e for e in events if e["event"] == "end"]
+    assert len(end) == 1 and end[0]["launch"] == launch_b and end[0]["step"] == 60
+    assert len(end[0]["param_digests"]) == 2 and len(set(end[0]["param_digests"])) == 1
+
+    # Retention: exactly the newest 2 checkpoints, nothing else under checkpoints/.
+    kept = list_checkpoints(run)
+    assert [s for s, _ in kept] == [50, 60]
+    assert len(storage.listdir(storage.url_join(run, "checkpoints"))) == 2
+    steps = [r["step"] for r in _lines(metrics_url)]
+    assert steps == sorted(steps) and steps[-1] == 60 and len(steps) == len(set(steps))
+    assert storage.exists(storage.url_join(run, "samples", "step_000060.png"))
+
+    reg = Registry(reg_url)
+    assert reg.versions("shapes-flow") == [1]
+    model_cfg, net, card = reg.load("shapes-flow")
+    assert card["dataset_digest"] == manifest["digest"] and card["step"] == 60
+    final = load_checkpoint(kept[-1][1])
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, final.ema[k]), k
