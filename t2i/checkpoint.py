@@ -338,6 +338,8 @@ def restore(ckpt: Checkpoint, state, restore_rng: bool = True) -> None:
     from t2i.train_step import unwrap
 
     where = storage.describe(ckpt.url)
+    if ckpt.config.get("family") != state.family:
+        raise ConfigError(f"{where}: checkpoint is a {ckpt.config.get('family')} model, this run is {state.family}")
     diff = _first_difference(ckpt.config.get("model"), _cfg_dict(state.model_cfg))
     if diff:
         raise ConfigError(f"{where}: model config differs from this run's at {diff}")
