@@ -1,0 +1,1 @@
+"""Input data: WebDataset shard reading and sample parsing, and the synthetic shapes set."""
