@@ -62,6 +62,8 @@ def test_holdout_validation():
     with pytest.raises(ConfigError, match="every shape in 'red'"):
         shapes.validate_holdout([(s, "red") for s in shapes.SHAPES])
     assert shapes.validate_holdout([("square", "red"), ("square", "red")]) == (("square", "red"),)
+    assert shapes.validate_holdout(True) == shapes.DEFAULT_HOLDOUT
+    assert shapes.validate_holdout(None) == shapes.validate_holdout(False) == ()
 
 
 def test_prompts_list_every_seen_and_heldout_pair():

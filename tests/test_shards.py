@@ -124,6 +124,10 @@ def test_truncated_mid_member_loses_only_that_sample():
         assert keys_and_reasons(data[:cut]) == complete + [("s3", "truncated")], cut
     skip = list(shards.iter_samples(data[: off["s3.jpg"][1] + 100], "t.tar"))[-1]
     assert skip.source == "t.tar" and "s3.jpg" in skip.detail
+    # A damaged header makes the rest of the shard unreadable: what came before is kept.
+    bad = bytearray(data)
+    bad[off["s3.jpg"][0] + 130] ^= 0x55
+    assert keys_and_reasons(bytes(bad)) == complete + [(f"<bad header at byte {off['s3.jpg'][0]}>", "truncated")]
 
 
 def test_truncated_at_header_boundary_loses_nothing_complete():

@@ -54,8 +54,13 @@ def caption(shape: str, color: str, bg: str) -> str:
     return f"{article} {color} {shape} on a {bg} background"
 
 
-def validate_holdout(holdout: Iterable[Iterable[str]]) -> tuple[tuple[str, str], ...]:
-    """Checked, de-duplicated (shape, colour) pairs; ConfigError names the bad pair."""
+def validate_holdout(holdout: Iterable[Iterable[str]] | bool | None) -> tuple[tuple[str, str], ...]:
+    """Checked, de-duplicated (shape, colour) pairs; ConfigError names the bad pair.
+    True means DEFAULT_HOLDOUT; False or None hold nothing out."""
+    if holdout is True:
+        return DEFAULT_HOLDOUT
+    if holdout is None or holdout is False:
+        return ()
     pairs: list[tuple[str, str]] = []
     for pair in holdout:
         pair = tuple(pair)
