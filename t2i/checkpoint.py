@@ -24,16 +24,19 @@ import hashlib
 import json
 import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from t2i import storage
 from t2i.config import to_dict
 from t2i.errors import ConfigError, IntegrityError, StorageError, T2IError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are handled: verifying digests, registering and listing models
+# (the registry, `t2i registry`) never pay for it.
 
 FORMAT = 1
 MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
@@ -58,6 +61,8 @@ def checkpoint_url(run_url: str, step: int) -> str:
 
 def _to_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """safetensors bytes; tensors sharing storage (tied weights) are copied, as the format demands."""
+    from safetensors.torch import save as st_save
+
     seen: set[tuple[int, int]] = set()
     flat = {}
     for k, t in tensors.items():
@@ -71,6 +76,8 @@ def _to_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
 
 
 def from_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(data)
     except Exception as e:  # a file that passed its digest but is not safetensors (hand-made dir)
@@ -92,6 +99,8 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     Tuples and non-string dict keys are tagged so that the structure comes back exactly
     (optimizer state is keyed by int parameter ids, Adam's betas are a tuple).
     """
+    import torch
+
     if isinstance(obj, torch.Tensor):
         if path in tensors:  # keys whose dots mimic nesting ("a.b" beside a["b"]): keep both
             path = f"{path}#{len(tensors)}"
@@ -136,13 +145,17 @@ def _b64(data: bytes) -> str:
 
 def rng_state() -> dict:
     """The process's RNG states (torch, CUDA, numpy, python) as JSON data."""
+    import torch
+
     np_state = np.random.get_state(legacy=True)
     py_version, py_state, py_gauss = random.getstate()
     out = {
         "torch": _b64(torch.get_rng_state().numpy().tobytes()),
         "numpy": {"kind": np_state[0], "keys": _b64(np.asarray(np_state[1], "<u4").tobytes()),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        # Mersenne Twister words and position (625 values < 2**32), as little-endian uint32
+        "python": {"version": py_version, "state": _b64(np.asarray(py_state, "<u4").tobytes()),
+                   "gauss_next": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
@@ -150,6 +163,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     def tensor(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
@@ -158,7 +173,8 @@ def set_rng_state(state: dict) -> None:
     keys = np.frombuffer(base64.b64decode(n["keys"]), dtype="<u4").astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    words = np.frombuffer(base64.b64decode(p["state"]), dtype="<u4")
+    random.setstate((p["version"], tuple(int(w) for w in words), p["gauss_next"]))
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([tensor(s) for s in cuda])

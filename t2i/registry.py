@@ -28,13 +28,14 @@ import json
 import os
 import re
 import uuid
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from t2i import checkpoint as ck
 from t2i import storage
 from t2i.errors import IntegrityError, StorageError, T2IError
+
+if TYPE_CHECKING:
+    import torch
 
 ENV = "T2I_REGISTRY"
 DEFAULT_URL = "~/.t2i/registry"
