@@ -3,12 +3,14 @@
 Pixel statistics only, no learned judge, and no knowledge of the prompt:
   1. work at 64 px whatever the input size; colours in CIELAB, where distances follow perception;
   2. background = median of the border ring; foreground = pixels far from it (Otsu threshold on
-     the distance), cleaned by an opening, reduced to its largest component, holes filled;
+     the distance), cleaned by an opening and reduced to its largest component;
   3. colours = nearest palette entry to the median of the eroded shape / of what lies outside the
      dilated shape (so antialiased or blurred edges do not vote);
-  4. shape = the shape class whose equal-area template, placed at the mask's centroid and rotated
-     over its symmetry period, overlaps the mask best (IoU).
-Generated images are noisy and blurry; each step above is there to tolerate that.
+  4. shape = the class whose template best explains the coverage map (each pixel's position
+     between background and shape colour): same mass and centroid, every rotation over the
+     shape's symmetry period, several blur widths; least squares decides.
+Generated images are noisy and blurry; each step above is there to tolerate that. An image with
+no shape to speak of reads as ("none", "none", background), which matches no prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ COARSE_STEP, ANGLE_STEP = 9.0, 3.0  # degrees
 FIT = 32  # the shape fit runs on the coverage map pooled to this size
 BLURS = (0.0, 0.75, 1.5, 2.25)  # template blur widths tried, FIT px
 NEAR = 4  # coverage is read this many work px around the mask
+MIN_AREA = 0.005  # a foreground smaller than this fraction of the image is no shape
+NO_SHAPE = "none"
 # Rotation period of each shape's symmetry: searching one period covers every orientation.
 PERIOD = {"circle": 0.0, "square": 90.0, "triangle": 120.0}
 
@@ -190,8 +194,8 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, dict[str, float]]:
     its symmetry period, and the shape with the smallest squared residual (per unit mass) wins.
     """
     mass = float(alpha.sum())
-    if mass <= 1.0:
-        return SHAPES[0], {s: float("inf") for s in SHAPES}
+    if mass <= MIN_AREA * alpha.size:
+        return NO_SHAPE, {s: float("inf") for s in SHAPES}
     gy, gx = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
     cy, cx = float((alpha * gy).sum() / mass) + 0.5, float((alpha * gx).sum() / mass) + 0.5
     reach = math.sqrt(4 * mass / math.sqrt(3)) / math.sqrt(3) + 3 * max(BLURS) + 1
@@ -228,9 +232,8 @@ def read_attributes(img: np.ndarray) -> tuple[str, str, str]:
     """(shape, shape colour, background colour) of an RGB uint8 image [H, W, 3], any size."""
     lab = rgb_to_lab(_to_work(img))
     mask, bg_ring = shape_mask(lab)
-    if not mask.any():
-        bg = nearest_color(bg_ring)
-        return SHAPES[0], bg, bg
+    if mask.sum() < MIN_AREA * mask.size:
+        return NO_SHAPE, NO_SHAPE, nearest_color(bg_ring)
     core = erode(mask)
     fg = np.median(lab[core] if core.sum() >= 4 else lab[mask], axis=0)
     outside = ~dilate(dilate(mask))
@@ -238,6 +241,8 @@ def read_attributes(img: np.ndarray) -> tuple[str, str, str]:
     alpha = alpha_map(lab, mask, fg, bg)
     k = WORK // FIT
     shape, _ = classify_shape(alpha.reshape(FIT, k, FIT, k).mean(axis=(1, 3)))
+    if shape == NO_SHAPE:
+        return NO_SHAPE, NO_SHAPE, nearest_color(bg)
     return shape, nearest_color(fg), nearest_color(bg)
 
 
@@ -258,4 +263,5 @@ def accuracy(images: Sequence[np.ndarray], expected: Sequence[Mapping]) -> dict[
         ok = [got[0] == e["shape"], got[1] == e["color"], got[2] == e["bg"]]
         hits += ok + [all(ok)]
     n = len(images)
-    return {"shape": hits[0] / n, "color": hits[1] / n, "bg": hits[2] / n, "all": hits[3] / n, "n": n}
+    return {"shape": float(hits[0] / n), "color": float(hits[1] / n), "bg": float(hits[2] / n),
+            "all": float(hits[3] / n), "n": n}
