@@ -138,17 +138,17 @@ def read_set(url: str) -> list[tuple[str, dict, np.ndarray, str]]:
 
 def test_write_shapes_matches_make_arrays_and_never_writes_heldout_pairs(tmp_path):
     out = str(tmp_path / "set")
-    urls = shapes.write_shapes(out, 2500, 32, shard_size=1000, seed=11)
+    urls = shapes.write_shapes(out, 1500, 32, shard_size=600, seed=11)
     assert [u.rsplit("/", 1)[-1] for u in urls] == ["00000.tar", "00001.tar", "00002.tar"]
     rows = read_set(out)
-    images, captions, attrs = shapes.make_arrays(2500, 32, seed=11)
-    assert [k for k, *_ in rows] == [f"{i:08d}" for i in range(2500)]
+    images, captions, attrs = shapes.make_arrays(1500, 32, seed=11)
+    assert [k for k, *_ in rows] == [f"{i:08d}" for i in range(1500)]
     assert all((img == ref).all() for (_, _, img, _), ref in zip(rows, images))
     assert [c for *_, c in rows] == captions and [m["shape"] for _, m, *_ in rows] == [a["shape"] for a in attrs]
     written = {(m["shape"], m["color"]) for _, m, *_ in rows}
     assert not written & set(shapes.DEFAULT_HOLDOUT) and len(written) == 20
     info = json.loads(storage.read_text(storage.url_join(out, "shapes.json")))
-    assert info["holdout"] == [list(p) for p in shapes.DEFAULT_HOLDOUT] and info["num"] == 2500
+    assert info["holdout"] == [list(p) for p in shapes.DEFAULT_HOLDOUT] and info["num"] == 1500
     # Same seed, other shard size: the same samples, whatever the sharding.
     shapes.write_shapes(str(tmp_path / "again"), 300, 32, shard_size=7, seed=11)
     assert [c for *_, c in read_set(str(tmp_path / "again"))] == captions[:300]
