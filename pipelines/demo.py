@@ -61,7 +61,7 @@ def _score(gen_dir: str, expected: dict[str, dict]) -> dict:
     for pid, attrs in expected.items():
         img = np.asarray(Image.open(os.path.join(gen_dir, "images", f"{pid}.png")).convert("RGB"))
         got = read_attributes(img)
-        want = (attrs["shape"], attrs["color"], attrs["background"])
+        want = (attrs["shape"], attrs["color"], attrs["bg"])
         hits[attrs["split"]].append(tuple(got) == want)
     return {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
 
