@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: the CLI and registry start without it
+    import torch
 
 log = logging.getLogger("t2i")
 
@@ -25,6 +27,8 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
+        import torch
+
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -35,6 +39,8 @@ def setup_runtime(device: str = "auto", threads: int | None = None, precision: s
 
     precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "bf16" or "fp32".
     """
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -79,12 +85,16 @@ def seed_from(*parts: object) -> int:
 
 
 def generator_for(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    import torch
+
     g = torch.Generator(device=device)
     g.manual_seed(seed_from(*parts))
     return g
 
 
 def memory_mb(device: torch.device) -> float:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
