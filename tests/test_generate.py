@@ -1,0 +1,262 @@
+"""`t2i generate` on the real local Ray cluster: deterministic bytes, kill-and-rerun, hostile prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import generate as gen
+from pipelines.cli import build_parser
+from pipelines.cli import main as cli
+from t2i import checkpoint as ck
+from t2i import storage
+from t2i.config import EncoderSpec, replace
+from t2i.errors import T2IError
+from t2i.models import get_preset
+from t2i.registry import Registry
+from t2i.runtime import setup_runtime
+from t2i.text import TextEncoder
+from t2i.train_step import make_state
+
+REPO = Path(__file__).resolve().parent.parent
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_encoders):
+    """A registry holding a random-init gan-debug ("gan") and flow-debug ("flow") model, each with
+    the tiny BERT-style encoder as its text encoder."""
+    root = tmp_path_factory.mktemp("gen")
+    spec = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"], kind="encoder", max_tokens=16), "cpu").spec
+    reg = Registry(str(root / "registry"))
+    for name, preset in (("gan", "gan-debug"), ("flow", "flow-debug")):
+        p = get_preset(preset)
+        state = make_state(replace(p.model, text_dim=spec.dim), p.train, setup_runtime("cpu"))
+        url = ck.checkpoint_url(str(root / f"run-{name}"), 1)
+        ck.save_checkpoint(url, state, encoder_spec=spec)
+        reg.register(name, url)
+    return reg.url
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """n rows of varied token lengths (some one word); every third prompt repeats an earlier one
+    with another seed."""
+    rows = []
+    for i in range(n):
+        k = i if i % 3 else max(0, i - 4)
+        caption = f"a {COLOURS[k % 8]} {SHAPES[k % 3]} on a {COLOURS[(k + 3) % 8]} background" + " , big" * (k % 4)
+        if k % 7 == 5:
+            caption = ["cat", "a", "red", "blue dot"][k % 4]
+        rows.append({"id": f"p{i:03d}", "prompt": caption, "seed": i % 5})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def generate(*argv: str) -> int:
+    args = build_parser().parse_args(["generate", *argv])
+    return args._run(args)
+
+
+def images(out: str) -> dict[str, bytes]:
+    return {u.rsplit("/", 1)[-1]: storage.read_bytes(u) for u in storage.listdir(storage.url_join(out, "images"))}
+
+
+def manifest(out: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_bytes(storage.url_join(out, "manifest.jsonl")).decode().splitlines()]
+
+
+def test_png_record_round_trip():
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    meta = gen.record("a-1", "ünïcode prompt " + "x" * 1990, 3, "m:2", "ab" * 32, 8, 3.0)
+    data = gen.png_bytes(img, meta)
+    assert data == gen.png_bytes(img, meta)  # deterministic bytes
+    assert gen.png_meta(data) == meta
+    assert gen.png_meta(data[:200]) is None  # a head cut before the record is not misread
+    from PIL import Image
+    import io
+
+    assert (np.asarray(Image.open(io.BytesIO(data))) == img).all()
+
+
+def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_path, model="flow"):
+    """Bar 1: 40 prompts, batch 4 on 1 actor vs batch 16 on 2 actors -> identical PNG bytes."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(40))
+    outs = {}
+    for bs, actors in ((4, 1), (16, 2)):
+        out = str(tmp_path / f"out-{bs}-{actors}")
+        assert generate("--model", model, "--registry", registry, "--prompts", prompts, "--out", out,
+                        "--batch-size", str(bs), "--actors", str(actors)) == 0
+        outs[(bs, actors)] = images(out)
+    a, b = outs.values()
+    assert len(a) == 40 and sorted(a) == sorted(b)
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    # different seeds/ids really give different images (the check above is not vacuous)
+    assert len(set(a.values())) == 40
+    rows = manifest(str(tmp_path / "out-4-1"))
+    assert [r["id"] for r in rows] == [f"p{i:03d}" for i in range(40)]
+    assert {r["model"] for r in rows} == {f"{model}:1"} and rows[7]["seed"] == 2
+
+
+def test_gan_images_do_not_depend_on_batching(registry, tmp_path):
+    """The actor's own code without Ray: same pixels for any batch size, any batch composition."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        maker = gen.ImageMaker(registry, "gan:1", gen.model_digest(Registry(registry).resolve("gan")),
+                               str(tmp_path), threads=1, device="cpu")  # one thread, as CPU actors run
+        _check_batching(maker)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_batching(maker):
+    rows = prompt_rows(40)
+    ids, prompts, seeds = ([r[k] for r in rows] for k in ("id", "prompt", "seed"))
+
+    def batched(bs, order):
+        got = {}
+        for b in range(0, len(order), bs):
+            idx = order[b:b + bs]
+            maker._cache.clear()  # encode afresh, in this batch's company
+            out = maker.images([ids[i] for i in idx], [prompts[i] for i in idx], [seeds[i] for i in idx])
+            got.update({ids[i]: img for i, img in zip(idx, out)})
+        return got
+
+    ref = batched(1, list(range(40)))
+    shuffled = list(np.random.default_rng(0).permutation(40))
+    for bs, order in ((4, list(range(40))), (3, shuffled), (16, shuffled), (40, shuffled)):
+        got = batched(bs, order)
+        assert all((got[i] == ref[i]).all() for i in ids), bs
+    assert len({ref[i].tobytes() for i in ids}) == 40
+
+
+def _etags(out: str) -> dict[str, tuple]:
+    fs, path = storage.filesystem(out)
+    found = fs.find(f"{path}/images", detail=True)
+    return {k.rsplit("/", 1)[-1]: (v.get("ETag"), str(v.get("LastModified"))) for k, v in found.items()}
+
+
+def test_kill_driver_and_rerun_on_s3(ray_cluster, registry, s3, tmp_path):
+    """Bar 2: SIGKILL the driver mid-way, rerun: exactly N images, none rewritten, manifest complete."""
+    n = 48
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(n))
+    out = f"{s3}/gen"
+    argv = ["--model", "flow", "--registry", registry, "--prompts", prompts, "--out", out,
+            "--batch-size", "2", "--actors", "1", "--steps", "16"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "driver.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "generate", *argv], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while len(gen.existing_ids(out)) < 6:
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.time() < deadline, "no images within 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # let Ray reap the dead driver's actors before taking the snapshot
+    first = _etags(out)
+    assert 6 <= len(first) < n, len(first)
+    assert not storage.exists(f"{out}/manifest.json")  # a killed run leaves no manifest
+
+    assert generate(*argv) == 0
+    after = _etags(out)
+    assert len(after) == n and sorted(after) == sorted(f"p{i:03d}.png" for i in range(n))
+    assert {k: after[k] for k in first} == first  # first-run files untouched (same ETag and mtime)
+    rows = manifest(out)
+    assert [r["id"] for r in rows] == [f"p{i:03d}" for i in range(n)]  # complete, no duplicates
+    assert all(r["prompt"] == p["prompt"] and r["seed"] == p["seed"] for r, p in zip(rows, prompt_rows(n)))
+    summary = json.loads(storage.read_bytes(f"{out}/manifest.json"))
+    assert summary["images"] == n and summary["model"] == "flow:1" and summary["steps"] == 16
+
+    # a third run has nothing to do and rewrites nothing
+    assert generate(*argv) == 0
+    assert _etags(out) == after
+
+
+def test_hostile_prompt_file(ray_cluster, registry, tmp_path):
+    """Bar 4: bad rows are listed with their reasons; every valid row still gets its image."""
+    good = prompt_rows(6)
+    lines = [json.dumps(good[0]).encode(), json.dumps({"id": "../x", "prompt": "escape"}).encode(),
+             json.dumps(good[1]).encode(), json.dumps({"id": "a/b", "prompt": "nested"}).encode(),
+             json.dumps({"id": "empty", "prompt": ""}).encode(), json.dumps(good[2]).encode(),
+             json.dumps({"id": "huge", "prompt": "x" * 100_000}).encode(),
+             b'{"id": "bad-utf8", "prompt": "caf\xe9 \xff"}', json.dumps(good[3]).encode(),
+             json.dumps({"id": "..", "prompt": "dots"}).encode(), json.dumps({"id": "p000", "prompt": "dup"}).encode(),
+             json.dumps({"prompt": "no id, row 12"}).encode(), json.dumps(good[4]).encode()]
+    (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    assert generate("--model", "gan", "--registry", registry, "--prompts", str(tmp_path / "p.jsonl"),
+                    "--out", str(out), "--batch-size", "3", "--grid") == 0
+    made = sorted(p.name for p in (out / "images").iterdir())
+    assert made == ["000012.png", "p000.png", "p001.png", "p002.png", "p003.png", "p004.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.jsonl"]  # nothing escaped out/
+    assert not (out / "a").exists() and not (out / "images" / "a").exists()
+    errors = {e["row"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    assert {r: e["reason"].split(" (")[0] for r, e in errors.items()} == {
+        2: "id contains a path separator", 4: "id contains a path separator", 5: "empty prompt",
+        7: "prompt longer than 2000 characters", 8: "line is not valid UTF-8", 10: "id contains '..'",
+        11: "duplicate id"}
+    assert errors[2]["id"] == "../x" and errors[7]["id"] == "huge"
+    assert json.loads((out / "manifest.json").read_text())["errors"] == 7
+    assert (out / "grid.png").stat().st_size > 0
+
+
+def test_rerun_with_other_settings_is_refused_and_manifest_rebuilds_from_pngs(registry, tmp_path):
+    """No Ray needed: a rerun with nothing to do rebuilds the manifest from the PNGs' own records."""
+    out = tmp_path / "out"
+    rows = prompt_rows(3)
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    card = Registry(registry).resolve("gan")
+    digest = gen.model_digest(card)
+    gen.check_job(str(out), {"format": 1, "model": "gan:1", "digest": digest, "family": "gan", "steps": None,
+                             "guidance": None, "seed": 0})
+    img = np.zeros((16, 16, 3), np.uint8)
+    for r in rows:
+        rec = gen.record(r["id"], r["prompt"], r["seed"], "gan:1", digest, None, None)
+        assert storage.create_only(gen.image_url(str(out), r["id"]), gen.png_bytes(img, rec))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert generate("--model", "gan", "--registry", registry, "--prompts", prompts, "--out", str(out)) == 0
+    got = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["seed"], r["model"]) for r in got] == [
+        (r["id"], r["prompt"], r["seed"], "gan:1") for r in rows]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
+
+    with pytest.raises(T2IError, match=r"holds images from gan:1 with seed=0; this run asks for gan:1 with seed=5"):
+        generate("--model", "gan", "--registry", registry, "--prompts", prompts, "--out", str(out), "--seed", "5")
+    with pytest.raises(T2IError, match=r"holds images from gan:1 with digest="):
+        generate("--model", "flow", "--registry", registry, "--prompts", prompts, "--out", str(out))
+
+
+def test_unknown_model_is_one_line_error(registry, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(2))
+    rc = cli(["generate", "--model", "nope:3", "--registry", registry, "--prompts", prompts,
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err and "model 'nope:3' not found in registry" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cluster,actors,expect", [
+    ({"CPU": 2.0}, None, {"actors": 2, "device": "cpu", "threads": 1, "resources": {"num_cpus": 0.75}}),
+    ({"CPU": 2.0}, 1, {"actors": 1, "device": "cpu", "threads": 1, "resources": {"num_cpus": 1.0}}),
+    ({"CPU": 16.0, "GPU": 2.0}, None, {"actors": 2, "device": "cuda", "threads": None,
+                                       "resources": {"num_gpus": 1, "num_cpus": 1}}),
+])
+def test_plan_resources(cluster, actors, expect):
+    assert gen.plan_resources(cluster, actors) == expect
