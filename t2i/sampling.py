@@ -29,3 +29,77 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- flow
+
+
+def flow_times(steps: int, shift: float = 1.0, device="cpu") -> torch.Tensor:
+    """[steps + 1] times from 1 (noise) to 0 (data); shift > 1 spends more steps near the noise
+    end (the resolution-dependent timestep shift of Esser et al. 2024, SD3 Sec. 5.3.2)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+@torch.no_grad()
+def flow_sample(model, tokens, mask, pooled, noise, steps: int, guidance: float, method: str = "euler",
+                shift: float = 1.0) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 (noise [B,3,H,W]) to t = 0; returns float [B,3,H,W].
+
+    Same loop as EDM2's edm_sampler (Karras et al. 2024): Euler steps, plus Heun's 2nd-order
+    correction on every step but the last (EDM, Karras et al. 2022, Alg. 1). Classifier-free
+    guidance (Ho & Salimans 2022): v = v_uncond + guidance * (v_cond - v_uncond), with the
+    conditional and the unconditional (caption dropped) halves in one batched call.
+    """
+    dev = noise.device
+    B = noise.shape[0]
+    tokens, mask, pooled = tokens.to(dev).float(), mask.to(dev), pooled.to(dev).float()
+    guided = guidance != 1.0
+    if guided:
+        tokens2, mask2, pooled2 = torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([pooled, pooled])
+        drop2 = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(dev)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return model(x, t.expand(B), tokens, mask, pooled).float()
+        v = model(torch.cat([x, x]), t.expand(2 * B), tokens2, mask2, pooled2, drop=drop2).float()
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    ts = flow_times(steps, shift, dev)
+    x = noise.float()
+    for i in range(steps):
+        t_cur, t_next = ts[i], ts[i + 1]
+        d_cur = velocity(x, t_cur)
+        x_next = x + (t_next - t_cur) * d_cur
+        if method == "heun" and i < steps - 1:
+            d_next = velocity(x_next, t_next)
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return x
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@torch.no_grad()
+def generate(model, cfg, tokens, mask, pooled, seeds, ids, steps: int | None = None,
+             guidance: float | None = None) -> torch.Tensor:
+    """Images for one batch of captions with any family: uint8 [B, H, W, 3] on the CPU.
+
+    model: the sampling network (flow: FlowDiT, gan: Generator; usually the EMA copy).
+    tokens [B,L,D], mask [B,L], pooled [B,D]; seeds/ids: one per row, they alone fix the noise.
+    steps/guidance: flow only; None = the config's defaults.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.family == "flow":
+            noise = row_noise(seeds, ids, (3, cfg.resolution, cfg.resolution), device)
+            x = flow_sample(model, tokens, mask, pooled, noise, steps or cfg.steps,
+                            cfg.guidance if guidance is None else guidance, cfg.sampler, cfg.time_shift)
+        elif cfg.family == "gan":
+            x = gan_sample(model, tokens, mask, pooled, row_noise(seeds, ids, (cfg.z_dim,), device))
+        else:
+            raise ValueError(f"unknown model family {cfg.family!r}")
+    finally:
+        model.train(was_training)
+    return to_uint8(x)

@@ -1,0 +1,290 @@
+"""Rectified-flow DiT: a text-conditional transformer that predicts the velocity eps - x0.
+
+Conditioning, as in DiT (Peebles & Xie 2023) and PixArt-alpha (Chen et al. 2024):
+  - adaLN-Zero: every block's LayerNorm shift/scale and residual gates come from
+    c = time embedding + MLP(pooled text); the gates start at zero, so each block starts as
+    the identity and the network starts by predicting zero velocity.
+  - masked cross-attention from the image tokens to the caption's token states. A learned
+    "register" token is always present in the context, so a row never attends to nothing; a
+    dropped caption (classifier-free guidance, Ho & Salimans 2022) masks every real token and
+    swaps the pooled vector for a learned null vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    family: str = "flow"
+    resolution: int = 32
+    patch: int = 2
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    text_dim: int = 384
+    mlp_ratio: float = 4.0
+    conv_mlp: bool = False  # 3x3 depthwise conv inside the MLP (Mix-FFN): a locality prior in pixel space
+    long_skips: bool = False  # U-ViT long skip connections between the first and second half of blocks
+    pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    qk_norm: bool = True  # RMS-normalised queries/keys keep attention logits bounded at high LR
+    caption_dropout: float = 0.1  # probability a caption is replaced by the null condition
+    t_mean: float = 0.0  # logit-normal time sampling: t = sigmoid(t_mean + t_std * n)
+    t_std: float = 1.0
+    steps: int = 20  # default sampling steps
+    guidance: float = 3.0  # default classifier-free guidance scale (1 = off)
+    sampler: str = "euler"  # "euler" or "heun"
+    time_shift: float = 1.0  # SD3 timestep shift at sampling (1 = uniform in t)
+
+    def __post_init__(self):
+        if self.resolution % self.patch:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of patch {self.patch}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
+        if self.sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.patch
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t [B] in [0, 1] -> [B, dim] sinusoidal features (t scaled by 1000 as in DDPM-style nets)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sin/cos position embedding (MAE / DiT)."""
+    assert dim % 4 == 0, "sincos position embedding needs width divisible by 4"
+    coords = torch.arange(grid, dtype=torch.float32)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+
+    def emb(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb(yy), emb(xx)], dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x [B, N, W]; shift/scale [B, W]
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `ctx` is None, else cross-attention to ctx."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool, cross: bool):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        hd = width // heads
+        self.q_norm = nn.RMSNorm(hd) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd) if qk_norm else nn.Identity()
+        self.cross = cross
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        # x [B, N, W]; ctx [B, M, W]; mask bool [B, M] (True = attend)
+        B, N, W = x.shape
+        src = x if ctx is None else ctx
+        M = src.shape[1]
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, h, N, hd]
+        k, v = self.kv(src).view(B, M, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B, h, M, hd]
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class Mlp(nn.Module):
+    """Token MLP; with `grid`, a 3x3 depthwise conv over the token grid sits between the two
+    linears (Mix-FFN of SegFormer, Xie et al. 2021, as used in Sana's DiT, Xie et al. 2024)."""
+
+    def __init__(self, width: int, ratio: float, grid: int = 0):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.grid = grid
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if grid else None
+
+    def forward(self, x):
+        h = self.fc1(x)  # [B, N, hidden]
+        if self.dw is not None:
+            B, N, C = h.shape
+            g = h.transpose(1, 2).reshape(B, C, self.grid, self.grid)
+            h = h + self.dw(g).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention + masked cross-attention + MLP."""
+
+    def __init__(self, cfg: FlowConfig, skip: bool = False):
+        super().__init__()
+        W = cfg.width
+        self.norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(W, cfg.heads, cfg.qk_norm, cross=False)
+        self.norm2 = nn.LayerNorm(W, eps=1e-6)
+        self.cross = Attention(W, cfg.heads, cfg.qk_norm, cross=True)
+        self.norm3 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(W, cfg.mlp_ratio, cfg.grid if cfg.conv_mlp else 0)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+        self.skip = nn.Linear(2 * W, W) if skip else None
+
+    def forward(self, x, c, ctx, mask, skip=None):
+        # x [B, N, W]; c [B, W]; ctx [B, M, W]; mask [B, M]; skip [B, N, W] (long skip input)
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], dim=-1))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=1)  # 6 x [B, W]
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + self.cross(self.norm2(x), ctx, mask)
+        return x + g2[:, None] * self.mlp(modulate(self.norm3(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        W = cfg.width
+        self.norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
+        self.linear = nn.Linear(W, cfg.patch * cfg.patch * 3)
+
+    def forward(self, x, c):
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, p*p*3]
+
+
+class FlowDiT(nn.Module):
+    """forward(x [B,3,H,W], t [B], tokens [B,L,D], mask [B,L], pooled [B,D], drop [B]?) -> v [B,3,H,W].
+
+    t = 1 is pure noise, t = 0 is data (x_t = (1 - t) x0 + t eps); the output is the velocity
+    dx_t/dt = eps - x0. `drop` (bool [B]) replaces those rows' caption by the null condition; a
+    row whose mask has no real token is treated as dropped too.
+    """
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        W, p, D = cfg.width, cfg.patch, cfg.text_dim
+        self.patch_embed = nn.Conv2d(3, W, kernel_size=p, stride=p)
+        n = cfg.grid * cfg.grid
+        if cfg.pos_embed == "sincos":
+            self.register_buffer("pos", sincos_pos_embed(W, cfg.grid)[None], persistent=False)
+        else:
+            self.pos = nn.Parameter(torch.randn(1, n, W) * 0.02)
+        self.t_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
+        self.pooled_embed = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
+        self.token_embed = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, W))
+        self.register = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # always-attended context token
+        self.null_pooled = nn.Parameter(torch.zeros(D))  # pooled text of a dropped caption
+        half = cfg.depth // 2 if cfg.long_skips else 0
+        # With long skips, the last `half` blocks each take the output of their mirror in the first half.
+        self.blocks = nn.ModuleList(DiTBlock(cfg, skip=i >= cfg.depth - half) for i in range(cfg.depth))
+        self.n_skip = half
+        self.final = FinalLayer(cfg)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for m in self.t_embed:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for blk in self.blocks:  # adaLN-Zero: gates (and shifts/scales) start at zero
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        nn.init.zeros_(self.final.ada[-1].weight)
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def condition(self, tokens, mask, pooled, drop=None):
+        """Caption -> (ctx [B, 1+L, W], ctx_mask [B, 1+L], pooled [B, D]) with dropped rows nulled."""
+        mask = mask.bool()
+        dropped = ~mask.any(dim=1)
+        if drop is not None:
+            dropped = dropped | drop.bool()
+        mask = mask & ~dropped[:, None]
+        pooled = torch.where(dropped[:, None], self.null_pooled.to(pooled.dtype)[None], pooled)
+        B = tokens.shape[0]
+        ctx = torch.cat([self.register.expand(B, -1, -1), self.token_embed(tokens)], dim=1)
+        ctx_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
+        return ctx, ctx_mask, pooled
+
+    def forward(self, x, t, tokens, mask, pooled, drop=None):
+        cfg = self.cfg
+        B, _, H, Wd = x.shape
+        ctx, ctx_mask, pooled = self.condition(tokens, mask, pooled, drop)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, W]
+        c = self.t_embed(timestep_embedding(t, cfg.width)) + self.pooled_embed(pooled)  # [B, W]
+        stack = []
+        for i, blk in enumerate(self.blocks):
+            skip = stack.pop() if i >= cfg.depth - self.n_skip else None
+            h = blk(h, c, ctx, ctx_mask, skip)
+            if i < self.n_skip:
+                stack.append(h)
+        h = self.final(h, c)  # [B, N, p*p*3]
+        g, p = cfg.grid, cfg.patch
+        h = h.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, g, p, g, p]
+        return h.reshape(B, 3, H, Wd)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _flow_debug():
+    return FlowConfig(resolution=16, patch=2, width=64, depth=2, heads=2, steps=8)
+
+
+def _flow_s():
+    model = FlowConfig(resolution=32, patch=4, width=256, depth=6, heads=4, steps=20, guidance=3.0)
+    return model
+
+
+def _flow_b():
+    return FlowConfig(resolution=64, patch=2, width=768, depth=12, heads=12, steps=32, guidance=4.0)
+
+
+def _flow_l():
+    return FlowConfig(resolution=256, patch=2, width=1024, depth=24, heads=16, steps=32, guidance=4.0,
+                      time_shift=3.0)
+
+
+def _preset(model: FlowConfig, **train):
+    from t2i.models import Preset
+
+    return Preset(model=model, train=TrainConfig(**train))
+
+
+MODELS = {
+    "flow-debug": lambda: _preset(_flow_debug(), steps=150, batch_size=16, lr=2e-3, betas=(0.9, 0.99),
+                                  warmup_steps=10, ema_decay=0.99, log_every=20),
+    "flow-s": lambda: _preset(_flow_s(), steps=1500, batch_size=64, lr=1e-3, betas=(0.9, 0.99),
+                              warmup_steps=50, ema_decay=0.995, log_every=50),
+    "flow-b": lambda: _preset(_flow_b(), steps=100_000, batch_size=256, lr=3e-4, betas=(0.9, 0.99),
+                              warmup_steps=2000, ema_decay=0.9999, log_every=100, checkpoint_every=5000),
+    "flow-l": lambda: _preset(_flow_l(), steps=400_000, batch_size=512, lr=1e-4, betas=(0.9, 0.99),
+                              warmup_steps=5000, ema_decay=0.9999, log_every=100, checkpoint_every=10000),
+}

@@ -1,0 +1,216 @@
+"""The flow family: model contracts (mask, null caption, zero init), sampler, train step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from t2i.config import replace
+from t2i.data.batching import collate_features
+from t2i.models.flow import MODELS, FlowConfig, FlowDiT
+from t2i.runtime import setup_runtime
+from t2i.sampling import flow_sample, flow_times, generate, row_noise
+from t2i.train_step import flow_noise, make_state, train_step
+
+D = 32  # text dim of the tiny test features
+
+
+def tiny_cfg(**kw) -> FlowConfig:
+    base = dict(resolution=8, patch=2, width=32, depth=2, heads=2, text_dim=D, steps=4)
+    return FlowConfig(**{**base, **kw})
+
+
+def trained_like(cfg: FlowConfig, seed: int = 0) -> FlowDiT:
+    """A model whose zero-initialised gates/outputs are randomised, so every path matters."""
+    torch.manual_seed(seed)
+    m = FlowDiT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return m
+
+
+def features(B: int, L: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, L + 1, (B,), generator=g)
+    tokens = [torch.randn(int(n), D, generator=g) for n in lengths]
+    return collate_features(tokens, torch.randn(B, D, generator=g))
+
+
+def test_zero_init_predicts_zero_velocity():
+    m = FlowDiT(tiny_cfg())
+    tokens, mask, pooled = features(3, 5)
+    v = m(torch.randn(3, 3, 8, 8), torch.rand(3), tokens, mask, pooled)
+    assert v.shape == (3, 3, 8, 8)
+    assert torch.count_nonzero(v) == 0
+
+
+def test_padding_values_do_not_change_output():
+    m = trained_like(tiny_cfg())
+    tokens, mask, pooled = features(4, 6, seed=1)
+    assert not mask.all()  # some rows are padded
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    ref = m(x, t, tokens, mask, pooled)
+    garbage = tokens.clone()
+    garbage[~mask] = 1e3 * torch.randn(int((~mask).sum()), D)
+    torch.testing.assert_close(m(x, t, garbage, mask, pooled), ref, rtol=0, atol=1e-5)
+    # ... while a real token does matter
+    changed = tokens.clone()
+    changed[0, 0] = torch.randn(D)  # (LayerNorm would absorb a uniform shift)
+    assert (m(x, t, changed, mask, pooled) - ref)[0].abs().max() > 1e-4
+
+
+def test_dropped_caption_is_the_null_condition():
+    m = trained_like(tiny_cfg())
+    tokens, mask, pooled = features(3, 5, seed=2)
+    x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
+    drop = torch.ones(3, dtype=torch.bool)
+    a = m(x, t, tokens, mask, pooled, drop=drop)
+    b = m(x, t, torch.randn_like(tokens), mask, torch.randn_like(pooled), drop=drop)
+    c = m(x, t, tokens, torch.zeros_like(mask), pooled)  # a caption with no tokens = no caption
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+    assert (a - m(x, t, tokens, mask, pooled)).abs().max() > 1e-4
+
+
+def test_flow_times_run_from_noise_to_data():
+    for shift in (1.0, 3.0):
+        ts = flow_times(10, shift)
+        assert ts[0] == 1.0 and ts[-1] == 0.0 and bool((ts[1:] < ts[:-1]).all())
+    assert flow_times(10, 3.0)[5] > flow_times(10, 1.0)[5]  # shift spends steps near the noise
+
+
+def _euler(m, x, tokens, mask, pooled, steps, drop=None):
+    ts = flow_times(steps)
+    for i in range(steps):
+        t = ts[i].expand(x.shape[0])
+        x = x + (ts[i + 1] - ts[i]) * m(x, t, tokens, mask, pooled, drop=drop)
+    return x
+
+
+def test_guidance_one_is_conditional_and_zero_is_unconditional():
+    m = trained_like(tiny_cfg())
+    tokens, mask, pooled = features(3, 5, seed=3)
+    noise = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        cond = _euler(m, noise, tokens, mask, pooled, 4)
+        uncond = _euler(m, noise, tokens, mask, pooled, 4, drop=torch.ones(3, dtype=torch.bool))
+        torch.testing.assert_close(flow_sample(m, tokens, mask, pooled, noise, 4, 1.0), cond, rtol=0, atol=1e-5)
+        torch.testing.assert_close(flow_sample(m, tokens, mask, pooled, noise, 4, 0.0), uncond, rtol=1e-4, atol=1e-4)
+        guided = flow_sample(m, tokens, mask, pooled, noise, 4, 3.0)
+    assert (guided - cond).abs().max() > 1e-3
+
+
+def test_heun_differs_from_euler_and_matches_at_one_step():
+    m = trained_like(tiny_cfg())
+    tokens, mask, pooled = features(2, 4, seed=4)
+    noise = torch.randn(2, 3, 8, 8)
+    e1 = flow_sample(m, tokens, mask, pooled, noise, 1, 2.0, "euler")
+    h1 = flow_sample(m, tokens, mask, pooled, noise, 1, 2.0, "heun")  # last step is always Euler
+    torch.testing.assert_close(e1, h1, rtol=0, atol=0)
+    e4 = flow_sample(m, tokens, mask, pooled, noise, 4, 2.0, "euler")
+    h4 = flow_sample(m, tokens, mask, pooled, noise, 4, 2.0, "heun")
+    assert (e4 - h4).abs().max() > 1e-4
+
+
+def test_generate_is_deterministic_per_row_whatever_the_batch():
+    cfg = tiny_cfg()
+    m = trained_like(cfg)
+    tokens, mask, pooled = features(5, 6, seed=5)
+    seeds, ids = [7, 7, 8, 9, 9], ["a", "b", "a", "c", "d"]
+    full = generate(m, cfg, tokens, mask, pooled, seeds, ids)
+    assert full.dtype == torch.uint8 and full.shape == (5, 8, 8, 3)
+    assert torch.equal(full, generate(m, cfg, tokens, mask, pooled, seeds, ids))
+    # the same row alone, and inside a differently composed (re-padded) batch
+    for rows in ([2], [4, 2], [3, 1, 0]):
+        sub_tokens, sub_mask, sub_pooled = collate_features(
+            [tokens[i][mask[i]] for i in rows], pooled[rows])
+        part = generate(m, cfg, sub_tokens, sub_mask, sub_pooled, [seeds[i] for i in rows], [ids[i] for i in rows])
+        diff = (part.int() - full[rows].int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, rows
+    # other seeds or ids give other images
+    other = generate(m, cfg, tokens, mask, pooled, [s + 1 for s in seeds], ids)
+    assert not torch.equal(other, full)
+    assert torch.equal(row_noise([7], ["a"], (3,)), row_noise([7], ["a"], (3,)))
+
+
+def test_flow_noise_depends_on_sample_seed_and_step_only():
+    seeds = torch.tensor([11, 12, 13])
+    eps, n, u = flow_noise(seeds, 5, (3, 4, 4), torch.device("cpu"))
+    eps2, n2, u2 = flow_noise(seeds[[2, 0]], 5, (3, 4, 4), torch.device("cpu"))
+    assert torch.equal(eps2[0], eps[2]) and torch.equal(n2[1], n[0]) and torch.equal(u2[0], u[2])
+    eps3, _, _ = flow_noise(seeds, 6, (3, 4, 4), torch.device("cpu"))
+    assert not torch.equal(eps3, eps)
+
+
+def _overfit_batch(B: int, R: int, text_dim: int):
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(B, R, R, 3, dtype=torch.uint8)
+    for i in range(B):  # a flat background and a square of another colour, per sample
+        fg, bg = torch.randint(0, 256, (2, 3), generator=g, dtype=torch.int64).to(torch.uint8)
+        img[i] = bg
+        a = int(torch.randint(0, R // 2, (1,), generator=g))
+        img[i, a:a + R // 2, a:a + R // 2] = fg
+    tokens, mask, pooled = collate_features([torch.randn(5, text_dim, generator=g) for _ in range(B)],
+                                            torch.randn(B, text_dim, generator=g))
+    return {"image": img, "tokens": tokens, "mask": mask, "pooled": pooled, "seed": torch.arange(B)}
+
+
+def test_flow_debug_overfits_16_samples():
+    preset = MODELS["flow-debug"]()
+    cfg, tc = preset.model, preset.train
+    state = make_state(cfg, tc, setup_runtime("cpu"))
+    batch = _overfit_batch(16, cfg.resolution, cfg.text_dim)
+    losses = [train_step(state, batch)["loss"] for _ in range(tc.steps)]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert np.isfinite(losses).all()
+    assert first / last >= 5.0, (first, last)
+    assert state.step == tc.steps and state.samples_seen == 16 * tc.steps
+    # the EMA moved with the model
+    ema_p = dict(state.ema.named_parameters())["final.linear.weight"]
+    assert ema_p.abs().sum() > 0
+
+
+def test_train_step_through_ddp():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from t2i.train_step import unwrap
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        cfg = tiny_cfg(caption_dropout=0.5)
+        preset_train = MODELS["flow-debug"]().train
+        state = make_state(cfg, replace(preset_train, steps=3), setup_runtime("cpu"))
+        state.modules["model"] = DDP(state.modules["model"])
+        batch = _overfit_batch(4, cfg.resolution, cfg.text_dim)
+        before = unwrap(state.modules["model"]).final.linear.weight.detach().clone()
+        m = train_step(state, batch)
+        assert set(m) == {"loss", "grad_norm", "lr"} and np.isfinite(m["loss"])
+        assert not torch.equal(before, unwrap(state.modules["model"]).final.linear.weight)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_presets_build(name):
+    preset = MODELS[name]()
+    assert preset.model.family == "flow" and preset.model.resolution % preset.model.patch == 0
+    if name in ("flow-debug", "flow-s"):
+        m = FlowDiT(preset.model)
+        tokens, mask, pooled = collate_features([torch.zeros(3, preset.model.text_dim)],
+                                                torch.zeros(1, preset.model.text_dim))
+        r = preset.model.resolution
+        assert m(torch.zeros(1, 3, r, r), torch.ones(1), tokens, mask, pooled).shape == (1, 3, r, r)
+
+
+def test_config_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="multiple of patch"):
+        FlowConfig(resolution=30, patch=4)
+    with pytest.raises(ValueError, match="sampler"):
+        FlowConfig(sampler="rk4")
