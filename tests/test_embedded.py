@@ -156,3 +156,30 @@ def test_roundtrip_s3(s3):
     emb = E.load_embedded(s3)
     assert emb.keys == keys and emb.manifest["digest"] == m["digest"]
     np.testing.assert_array_equal(emb.images, ref["images"])
+
+
+def test_stages_without_ray(tiny_encoders, tmp_path):
+    """The embed job's stage functions, run in one process: chunks never straddle tables, and the
+    result does not depend on how rows are grouped into tables or parts."""
+    from t2i.config import EncoderSpec
+    from t2i.data.shapes import write_shapes
+    from t2i.text import TextEncoder
+
+    shards = write_shapes(str(tmp_path / "shards"), 45, 8, shard_size=15)
+    enc = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"]), batch_size=8)
+    digests = []
+    for rows_per_table, per_part in ((10, 1), (1000, 3)):
+        out = str(tmp_path / f"out{rows_per_table}")
+        acc = E.Accumulator(shards)
+        tables = [t for i, u in enumerate(shards) for t in E.shard_rows(u, i, 8, chunk_size=8,
+                                                                          rows_per_table=rows_per_table)]
+        chunks = [t.column("chunk").to_pylist() for t in tables]
+        for a, b in zip(chunks, chunks[1:]):
+            assert not set(a) & set(b)  # a chunk lives in one table only
+        encoded = [E.encode_rows(enc, t) for t in tables]
+        for i in range(0, len(encoded), per_part):
+            acc.add(E.write_rows(out, pa.concat_tables(encoded[i:i + per_part])))
+        m = acc.finish(out, data="shards", resolution=8)
+        assert m["counts"]["kept"] == 45 and m["encoder"]["dim"] == enc.dim
+        digests.append(m["digest"])
+    assert digests[0] == digests[1]
