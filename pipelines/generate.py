@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import time
 import zlib
@@ -35,6 +36,7 @@ IMAGES, ERRORS, ROWS, MANIFEST, JOB, GRID = "images", "errors.jsonl", "manifest.
 PNG_KEY = "t2i"  # iTXt keyword of the provenance record inside every PNG
 FORMAT = 1
 GRID_MAX = 64
+MAX_DEFAULT_ACTORS = 32  # each CPU actor holds its own model + encoder copy; more only if asked
 MICRO_BATCH = 8  # rows per model call on CPU, whatever --batch-size is (see ImageMaker.images)
 
 # Forwarded from the driver to Ray workers, which may have started before the driver's environment
@@ -344,7 +346,7 @@ def plan_resources(cluster: dict, actors: int | None) -> dict:
     if gpus:
         n = actors or gpus
         return {"actors": n, "device": "cuda", "threads": None, "resources": {"num_gpus": 1, "num_cpus": 1}}
-    n = actors or max(1, int(cpus))
+    n = actors or max(1, min(int(cpus), MAX_DEFAULT_ACTORS))
     share = max(0.1, min(1.0, (cpus - 0.5) / n))
     return {"actors": n, "device": "cpu", "threads": 1, "resources": {"num_cpus": round(share, 3)}}
 
@@ -387,6 +389,23 @@ def run_job(rows: list[dict], maker_kwargs: dict, batch_size: int, plan: dict, p
     return results
 
 
+def user_error(e: BaseException):
+    """The T2IError behind a Ray failure (an actor that could not load its model, say), or None.
+
+    A failed actor constructor reaches the driver only as text, its traceback ending in the error's
+    line; a failed task keeps the exception as `cause`."""
+    from t2i.errors import T2IError
+
+    c = e
+    while c is not None:
+        if isinstance(c, T2IError):
+            return T2IError(str(c))
+        c = getattr(c, "cause", None) or c.__cause__
+    lines = str(e).strip().splitlines()
+    m = re.match(r"t2i\.errors\.\w+: (.+)", lines[-1]) if lines else None
+    return T2IError(m.group(1)) if m else None
+
+
 def run(args: argparse.Namespace) -> int:
     from t2i import storage
     from t2i.errors import T2IError
@@ -397,9 +416,11 @@ def run(args: argparse.Namespace) -> int:
         raise T2IError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.actors is not None and args.actors < 1:
         raise T2IError(f"--actors must be >= 1, got {args.actors}")
-    out = args.out
+    # Actors resolve paths against their own working directory: hand them absolute ones.
+    out = storage.split(args.out)[1] if storage.is_local(args.out) else args.out
+    reg_url = args.registry and (storage.split(args.registry)[1] if storage.is_local(args.registry) else args.registry)
     t_start = time.perf_counter()
-    registry = Registry(args.registry)
+    registry = Registry(reg_url)
     card = registry.resolve(args.model)
     ref, digest = card["ref"], model_digest(card)
     if not card.get("encoder"):
@@ -432,9 +453,15 @@ def run(args: argparse.Namespace) -> int:
             plan = plan_resources(ray.cluster_resources(), args.actors)
             log.info("generate: %d %s actor(s), batch size %d", plan["actors"], plan["device"], args.batch_size)
             t0 = time.perf_counter()
-            results = run_job([{"id": r.id, "prompt": r.prompt, "seed": r.seed} for r in todo],
-                              {"registry": registry.url, "ref": ref, "digest": digest, "out": out,
-                               "steps": steps, "guidance": guidance}, args.batch_size, plan)
+            try:
+                results = run_job([{"id": r.id, "prompt": r.prompt, "seed": r.seed} for r in todo],
+                                  {"registry": registry.url, "ref": ref, "digest": digest, "out": out,
+                                   "steps": steps, "guidance": guidance}, args.batch_size, plan)
+            except Exception as e:
+                err = user_error(e)
+                if err is None:
+                    raise
+                raise err from None
             job_s = time.perf_counter() - t0
         finally:
             if started:

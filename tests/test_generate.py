@@ -260,3 +260,19 @@ def test_unknown_model_is_one_line_error(registry, tmp_path, capsys):
 ])
 def test_plan_resources(cluster, actors, expect):
     assert gen.plan_resources(cluster, actors) == expect
+
+
+def test_user_error_found_behind_ray_failures():
+    """An actor's T2IError reaches the driver as a cause, or only as the last line of a traceback."""
+    try:
+        try:
+            raise T2IError("text encoder /x: no such model directory")
+        except T2IError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as e:
+        assert str(gen.user_error(e)) == "text encoder /x: no such model directory"
+    text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...).__init__()\n"
+            '  File "t2i/text/encoder.py", line 100, in resolve_encoder_path\n'
+            "t2i.errors.T2IError: text encoder /x: no such model directory")
+    assert str(gen.user_error(Exception(text))) == "text encoder /x: no such model directory"
+    assert gen.user_error(Exception("segfault\nValueError: boom")) is None

@@ -1,0 +1,223 @@
+"""Generation throughput: the `t2i generate` Ray Data job vs a bare single-process loop.
+
+Both sides do the same work with the same model, prompts and batch size: read the prompt file,
+load the model from the registry and the text encoder, encode captions, sample, write each image
+as a PNG (create-only), write the manifest. The bare loop is one process calling the very object
+the job's actors run (`pipelines.generate.ImageMaker`) with all cores as torch threads; the job
+runs its default layout (one single-threaded actor per core). Ray itself is started (and timed)
+beforehand, so the ratio is the cost of Ray Data plus the actors' start-up. Models are random-init
+`gan-s` and `flow-s` (speed does not depend on the weights) with the packaged MiniLM encoder; the
+flow model samples at its default steps and guidance. Rounds alternate bare/Ray; best of each.
+
+    python benchmarks/generate_throughput.py [--models gan-s,flow-s] [--rounds 2] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+MARK_BEGIN, MARK_END = "<!-- generate_throughput -->", "<!-- /generate_throughput -->"
+DEFAULT_NUM = {"gan-s": 1024, "flow-s": 48}
+
+
+def register_random(registry: str, preset: str) -> dict:
+    """Register a random-init model of `preset` with the packaged MiniLM as its encoder; its card."""
+    from t2i import checkpoint as ck
+    from t2i.config import EncoderSpec, replace
+    from t2i.models import get_preset
+    from t2i.registry import Registry
+    from t2i.runtime import setup_runtime
+    from t2i.text import TextEncoder
+    from t2i.train_step import make_state
+
+    spec = TextEncoder(EncoderSpec(), "cpu").spec
+    p = get_preset(preset)
+    state = make_state(replace(p.model, text_dim=spec.dim), p.train, setup_runtime("cpu"))
+    url = ck.checkpoint_url(os.path.join(os.path.dirname(registry), f"run-{preset}"), 0)
+    ck.save_checkpoint(url, state, encoder_spec=spec)
+    ref = Registry(registry).register(preset, url)
+    return Registry(registry).resolve(str(ref))
+
+
+def write_prompts(path: str, n: int) -> None:
+    """n rows cycling through every seen and held-out shapes prompt, each row its own seed."""
+    from t2i.data import shapes
+
+    captions = [c for split in ("seen", "heldout") for c, _ in shapes.prompts(split, per_pair=3)]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"b{i:05d}", "prompt": captions[i % len(captions)], "seed": i}) + "\n")
+
+
+def bare_loop(registry: str, card: dict, prompts: str, out: str, batch_size: int, threads: int) -> dict:
+    """The job's work in one process, batch after batch."""
+    from pipelines import generate as gen
+    from t2i.prompts import read_prompts
+
+    t0 = time.perf_counter()
+    pf = read_prompts(prompts)
+    steps, guidance = gen.sampling_settings(card, None, None)
+    maker = gen.ImageMaker(registry, card["ref"], gen.model_digest(card), out, steps, guidance,
+                           threads=threads, device="cpu")
+    written = 0
+    for b in range(0, len(pf.rows), batch_size):
+        rows = pf.rows[b:b + batch_size]
+        res = maker({"id": [r.id for r in rows], "prompt": [r.prompt for r in rows], "seed": [r.seed for r in rows]})
+        written += sum(s == "written" for s in res["status"])
+    fresh = {r.id: gen.record(r.id, r.prompt, r.seed, card["ref"], gen.model_digest(card), steps, guidance)
+             for r in pf.rows}
+    gen.write_outputs(out, gen.build_manifest(out, fresh), {"model": card["ref"]})
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "images": written, "images_per_s": written / secs}
+
+
+def ray_job(registry: str, card: dict, prompts: str, out: str, batch_size: int) -> dict:
+    from pipelines import generate as gen
+
+    parser = argparse.ArgumentParser()
+    gen.add_arguments(parser)
+    args = parser.parse_args(["--model", card["ref"], "--registry", registry, "--prompts", prompts, "--out", out,
+                              "--batch-size", str(batch_size)])
+    t0 = time.perf_counter()
+    gen.run(args)
+    secs = time.perf_counter() - t0
+    n = len(gen.existing_ids(out))
+    return {"seconds": secs, "images": n, "images_per_s": n / secs}
+
+
+def measure(preset: str, work: str, registry: str, num: int, batch_size: int, rounds: int, threads: int) -> dict:
+    card = register_random(registry, preset)
+    prompts = os.path.join(work, f"prompts-{preset}.jsonl")
+    write_prompts(prompts, num)
+    bare, ray_ = [], []
+    for k in range(rounds):
+        load = os.getloadavg()[0]
+        bare.append({**bare_loop(registry, card, prompts, os.path.join(work, f"bare-{preset}-{k}"), batch_size,
+                                 threads), "load_avg": load})
+        print(f"{preset} round {k}: bare {bare[-1]['images_per_s']:.1f} images/s ({bare[-1]['seconds']:.1f} s)",
+              flush=True)
+        load = os.getloadavg()[0]
+        ray_.append({**ray_job(registry, card, prompts, os.path.join(work, f"ray-{preset}-{k}"), batch_size),
+                     "load_avg": load})
+        print(f"{preset} round {k}: ray  {ray_[-1]['images_per_s']:.1f} images/s ({ray_[-1]['seconds']:.1f} s)",
+              flush=True)
+    same = all(Path(work, f"bare-{preset}-0", "images", p.name).read_bytes() == p.read_bytes()
+               for p in Path(work, f"ray-{preset}-0", "images").iterdir())
+    best_b = max(bare, key=lambda x: x["images_per_s"])
+    best_r = max(ray_, key=lambda x: x["images_per_s"])
+    model = card["model"]
+    return {"model": preset, "family": card["family"], "resolution": model["resolution"], "num": num,
+            "steps": model.get("steps"), "guidance": model.get("guidance"), "rounds_bare": bare, "rounds_ray": ray_,
+            "best": {"bare": best_b, "ray": best_r}, "ratio": best_r["images_per_s"] / best_b["images_per_s"],
+            "same_bytes_bare_vs_ray": same}
+
+
+def write_markdown(res: dict) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    lines = [
+        MARK_BEGIN,
+        "## Generation throughput (`benchmarks/generate_throughput.py`)",
+        "",
+        f"Random-init models with {res['encoder']} (dim {res['dim']}), batch {res['batch_size']}, {res['cpus']} CPU "
+        f"cores, no GPU. Both sides: prompt file read, model + encoder load, encode, sample, PNG write "
+        f"(create-only), manifest. Bare loop: one process, {res['bare_threads']} torch threads. "
+        f"`t2i generate`: its default layout on a local Ray started beforehand ({res['ray_init_s']:.1f} s, not "
+        f"counted), i.e. {res['actors']} actor(s) x 1 thread, actor start-up included. Best of {res['rounds']} "
+        "alternating round(s). The CPU was shared with other work while measuring (load average "
+        f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end on 2 cores): absolute "
+        "numbers are low and noisy; the ratio is what the rounds compare.",
+        "",
+        "| model | images | sampling | bare images/s | t2i generate images/s | ratio | rounds bare / ray (images/s) |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for m in res["models"]:
+        b, r = m["best"]["bare"], m["best"]["ray"]
+        how = "one step" if m["family"] == "gan" else f"{m['steps']} Euler steps, guidance {m['guidance']}"
+        lines.append(
+            f"| {m['model']} ({m['resolution']} px) | {m['num']} | {how} | {b['images_per_s']:.1f} | "
+            f"{r['images_per_s']:.1f} | **{m['ratio']:.2f}** | "
+            + ", ".join(f"{x['images_per_s']:.1f}" for x in m["rounds_bare"]) + " / "
+            + ", ".join(f"{x['images_per_s']:.1f}" for x in m["rounds_ray"]) + " |")
+    by = {m["family"]: m["best"]["ray"]["images_per_s"] for m in res["models"]}
+    lines.append("")
+    lines.append("Bar: ratio >= 0.8 for each model.")
+    if "gan" in by and "flow" in by:
+        lines.append(f"GAN vs flow at the flow model's default steps (t2i generate): {by['gan']:.1f} vs "
+                     f"{by['flow']:.1f} images/s, **{by['gan'] / by['flow']:.0f}x**.")
+    same = [m["model"] for m in res["models"] if m["same_bytes_bare_vs_ray"]]
+    lines.append(f"Same PNG bytes from both paths: {', '.join(same) if same else 'none'} "
+                 f"(of {', '.join(m['model'] for m in res['models'])}).")
+    lines.append(MARK_END)
+    section = "\n".join(lines)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        pre, rest = text.split(MARK_BEGIN, 1)
+        text = pre + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="gan-s,flow-s")
+    p.add_argument("--num", type=int, default=None, help="prompts per model (default gan-s 1024, flow-s 48)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-write", action="store_true", help="do not update the results JSON / BENCHMARKS.md")
+    a = p.parse_args()
+
+    import ray
+
+    from pipelines import generate as gen
+    from t2i.config import EncoderSpec
+    from t2i.text import TextEncoder
+
+    cpus = os.cpu_count()
+    load0 = os.getloadavg()[0]
+    work = tempfile.mkdtemp(prefix="generate-bench-")
+    registry = os.path.join(work, "registry")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}})
+    ray_init = time.perf_counter() - t0
+    try:
+        plan = gen.plan_resources(ray.cluster_resources(), None)
+        models = [measure(m, work, registry, a.num or DEFAULT_NUM.get(m, 256), a.batch_size, a.rounds, cpus)
+                  for m in a.models.split(",")]
+    finally:
+        ray.shutdown()
+    spec = TextEncoder(EncoderSpec(), "cpu").spec
+    result = {
+        "benchmark": "generate_throughput", "batch_size": a.batch_size, "cpus": cpus, "bare_threads": cpus,
+        "actors": plan["actors"], "encoder": spec.name, "dim": spec.dim, "rounds": a.rounds,
+        "ray_init_s": ray_init, "models": models, "load_avg": [load0, os.getloadavg()[0]],
+        "machine": platform.platform(), "shared_cpu": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    print(json.dumps({m["model"]: {"bare": round(m["best"]["bare"]["images_per_s"], 2),
+                                   "ray": round(m["best"]["ray"]["images_per_s"], 2),
+                                   "ratio": round(m["ratio"], 3)} for m in models}, indent=1))
+    if not a.no_write:
+        (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+        (ROOT / "benchmarks" / "results" / "generate_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_markdown(result)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
