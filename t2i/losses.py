@@ -9,6 +9,48 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- GAN
 
 
+def rpgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Relativistic pairing loss for D: E[softplus(D(fake) - D(real))].
+
+    R3GAN (Huang et al. 2024, "The GAN is dead; long live the GAN!", eq. 2 with the logistic
+    f(t) = -log(1 + e^-t)): each real is compared with a paired fake, which removes the mode
+    dropping of the plain logistic loss. Logits [B] each; pairs are rows.
+    """
+    return F.softplus(fake_logits - real_logits).mean()
+
+
+def rpgan_g_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's side of the same game: E[softplus(D(real) - D(fake))] (R3GAN eq. 2)."""
+    return F.softplus(real_logits - fake_logits).mean()
+
+
+def matching_d_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """Matching-aware term: a real image with another row's caption is a negative.
+
+    GigaGAN (Kang et al. 2023, "Scaling up GANs for Text-to-Image Synthesis", matching-aware
+    loss; from Reed et al. 2016's GAN-CLS, Algorithm 1) counts (real image, wrong caption) as
+    fake, so D must check the text and not only realism. Here it is paired relativistically
+    like the main loss: softplus(D(x, c') - D(x, c)). `valid` [B] bool drops rows whose
+    "wrong" caption happens to equal the right one.
+    """
+    v = valid.to(matched_logits.dtype)
+    return (F.softplus(mismatched_logits - matched_logits) * v).sum() / v.sum().clamp(min=1)
+
+
+def grad_sq_norm(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||grad_x D(x)||^2 [B], the zero-centred gradient penalty before its gamma / 2.
+
+    Averaged over reals it is R1, over fakes R2 (Mescheder et al. 2018, "Which Training Methods
+    for GANs do actually Converge?", eqs. 9 and 10); R3GAN (Sec. 2.2) needs both for local
+    convergence of the relativistic loss. `inputs` must require grad and `logits` [B] must come
+    from them row by row (D mixes no rows); the graph is kept so the penalty can be minimised.
+    Reals and fakes can share one call by stacking them in `inputs`.
+    """
+    (g,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return g.float().square().flatten(1).sum(1)
+
+
 # ----------------------------------------------------------------------------- flow
 
 

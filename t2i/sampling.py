@@ -28,6 +28,18 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- GAN
 
 
+@torch.no_grad()
+def gan_sample(G: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor,
+               noise: torch.Tensor) -> torch.Tensor:
+    """One generator pass: noise [B, z_dim] (e.g. row_noise) + text -> float [B,3,R,R] in [-1,1].
+
+    The generator normalises per sample (GroupNorm), so a row's image does not depend on the
+    rest of the batch.
+    """
+    dev = next(G.parameters()).device
+    return G(noise.to(dev), tokens.to(dev), mask.to(dev), pooled.to(dev)).float()
+
+
 # ----------------------------------------------------------------------------- flow
 
 

@@ -120,7 +120,149 @@ def _finite(x: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- GAN
-# (GAN section: make_gan_state, gan_train_step)
+
+
+def make_gan_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:
+    from t2i.models.gan import Discriminator, Generator
+
+    torch.manual_seed(train_cfg.seed)  # the init is a function of the config's seed only
+    G = Generator(model_cfg).to(runtime.device)
+    D = Discriminator(model_cfg).to(runtime.device)
+    betas = tuple(train_cfg.betas)
+    opts = {
+        "G": torch.optim.Adam(G.parameters(), lr=train_cfg.lr, betas=betas),
+        "D": torch.optim.Adam(D.parameters(), lr=train_cfg.lr_d or train_cfg.lr, betas=betas),
+    }
+    return TrainState(model_cfg, train_cfg, runtime, {"G": G, "D": D}, _new_ema(G), opts)
+
+
+def gan_noise(seeds: torch.Tensor, step: int, z_dim: int, device: torch.device) -> torch.Tensor:
+    """z [B, z_dim] for one step from (sample seed, step) only, never from the rank.
+
+    On CPU each row has its own generator (a sample's z does not depend on its batch); on
+    accelerators one device generator seeded from (step, all seeds) keeps the draw on the device.
+    """
+    from t2i.runtime import seed_from
+
+    seeds_l = [int(s) for s in seeds.tolist()]
+    if device.type == "cpu":
+        return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(seed_from(s, step, "z")))
+                            for s in seeds_l])
+    g = torch.Generator(device=device).manual_seed(seed_from(step, "z", *seeds_l))
+    return torch.randn((len(seeds_l), z_dim), generator=g, device=device)
+
+
+def _sync_grads(module: nn.Module) -> None:
+    """Average the gradients of a DDP-wrapped module over its process group, by hand.
+
+    The GAN step runs its forwards on the bare modules: R1/R2 need a double backward through D
+    and several D forwards feed one backward, neither of which DDP's reducer supports. One flat
+    all-reduce per optimizer step keeps every rank on the same collective sequence (missing grads
+    count as zeros so all ranks send the same sizes).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(module, DistributedDataParallel):
+        return
+    import torch.distributed as dist
+
+    params = [p for p in module.module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=module.process_group)
+    flat /= dist.get_world_size(module.process_group)
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
+
+
+def _double_backward_attention(enabled: bool):
+    """R1/R2 differentiate D's input gradient again; the fused attention kernels (flash,
+    memory-efficient, CPU flash) have no double backward, the math kernel has."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not enabled:
+        return contextlib.nullcontext()
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One D step (relativistic + matching-aware + lazy R1/R2), then one G step, then EMA.
+
+    The fakes of the D step are reused for the G step (G has not moved in between), which saves
+    a generator forward per step.
+    """
+    from t2i.losses import grad_sq_norm, matching_d_loss, rpgan_d_loss, rpgan_g_loss
+
+    cfg, tc = state.model_cfg, state.train_cfg
+    G, D = unwrap(state.modules["G"]), unwrap(state.modules["D"])
+    opt_g, opt_d = state.opts["G"], state.opts["D"]
+    real = images_to_tensor(batch["image"])  # [B, 3, R, R] in [-1, 1]
+    tokens, mask, pooled = batch["tokens"], batch["mask"], batch["pooled"]  # [B,L,D], [B,L], [B,D]
+    B = real.shape[0]
+    z = gan_noise(batch["seed"], state.step, cfg.z_dim, real.device)
+    lr_g, lr_d = lr_at(state.step, tc, tc.lr), lr_at(state.step, tc, tc.lr_d or tc.lr)
+    set_lr(opt_g, lr_g)
+    set_lr(opt_d, lr_d)
+    G.train()
+    D.train()
+    reg = (cfg.r1_gamma > 0 or cfg.r2_gamma > 0) and state.step % cfg.reg_every == 0
+    # A mismatched caption for every real image: the batch rolled by one row.
+    valid = (pooled != pooled.roll(1, 0)).any(1)  # [B]
+
+    with state.runtime.autocast():
+        fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
+        x = torch.cat([real, fake.detach(), real]).requires_grad_(reg)  # [3B, 3, R, R]
+        with _double_backward_attention(reg):
+            logits = D(x, torch.cat([tokens, tokens, tokens.roll(1, 0)]), torch.cat([mask, mask, mask.roll(1, 0)]),
+                       torch.cat([pooled, pooled, pooled.roll(1, 0)]))  # [3B]
+        d_real, d_fake, d_wrong = logits.float().split(B)
+        loss_adv = rpgan_d_loss(d_real, d_fake)
+        loss_match = matching_d_loss(d_real, d_wrong, valid)
+        loss_d = loss_adv + cfg.match_weight * loss_match
+        r1 = r2 = torch.zeros(())
+        if reg:
+            sq = grad_sq_norm(logits[: 2 * B], x)[: 2 * B]  # [2B]: reals, then fakes
+            r1, r2 = sq[:B].mean(), sq[B:].mean()
+            loss_d = loss_d + cfg.reg_every * (cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    _sync_grads(state.modules["D"])
+    gn_d = clip_grads(D, tc.grad_clip)
+    opt_d.step()
+
+    D.requires_grad_(False)  # the G step needs grads w.r.t. G only
+    try:
+        with state.runtime.autocast():
+            with torch.no_grad():
+                g_real = D(real, tokens, mask, pooled).float()  # [B], with the updated D
+            g_fake = D(fake, tokens, mask, pooled).float()  # [B]
+            loss_g = rpgan_g_loss(g_real, g_fake)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+    finally:
+        D.requires_grad_(True)
+    _sync_grads(state.modules["G"])
+    gn_g = clip_grads(G, tc.grad_clip)
+    opt_g.step()
+    ema_update(state.ema, G, ema_decay_at(state.step, tc))
+    state.step += 1
+    state.samples_seen += B * state.runtime.world_size
+    loss_g_f = _finite(loss_g.detach())
+    return {
+        "loss": loss_g_f, "loss_g": loss_g_f, "loss_d": _finite(loss_d.detach()),
+        "loss_adv": _finite(loss_adv.detach()), "loss_match": _finite(loss_match.detach()),
+        "r1": _finite(r1.detach()), "r2": _finite(r2.detach()), "reg": float(reg),
+        "d_gap": _finite((d_real - d_fake).mean().detach()),
+        "grad_norm_d": _finite(gn_d), "grad_norm_g": _finite(gn_g), "lr": lr_g, "lr_d": lr_d,
+    }
 
 
 # ----------------------------------------------------------------------------- flow
