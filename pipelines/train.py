@@ -27,9 +27,10 @@ import os
 import posixpath
 import re
 import socket
-import sys
+import threading
 import time
 import uuid
+import warnings
 from typing import Any
 
 from t2i import storage
@@ -365,13 +366,6 @@ def _clean_unfinished(run_url: str, resumed_step: int) -> None:
             storage.delete(url, recursive=True)
 
 
-def _say(line: str) -> None:
-    """One line to the worker's stdout (Ray forwards it to the driver). Ray Train patches `print`
-    into its logger, which would show every line twice."""
-    sys.stdout.write(f"[t2i train] {line}\n")
-    sys.stdout.flush()
-
-
 class _Worker:
     """State and side effects of one Ray Train worker: resume, log, checkpoint, finish."""
 
@@ -421,8 +415,6 @@ class _Worker:
                               if e.get("event") == "start" and e.get("launch") == self.cfg["launch"])
             start["attempt"] = attempt
             self.files.event(start)
-            _say(f"attempt {attempt}: {self.world} workers, "
-                 + (f"resumed from {start['resumed_from']} at step {self.state.step}" if url else "fresh start"))
         if url is not None and not tracked:
             # Ray Train did not record this checkpoint (its report was lost): hand it over, so that
             # its retention policy and later restarts see it.
@@ -442,18 +434,16 @@ class _Worker:
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
     def log(self, rec: dict) -> None:
-        from t2i.distributed import format_line
-
         rec = {"epoch": self.epoch, **rec}
         self.last_metrics = rec
         if self.rank == 0:
             self.files.metric(rec)
-            _say(format_line(rec, self.train_cfg.steps))
 
     def checkpoint(self) -> str:
         """Rank 0 saves (+ sample grid), then every rank reports it to Ray Train (a barrier)."""
         from t2i.checkpoint import checkpoint_url, save_checkpoint
-        from t2i.distributed import sample_grid, state_digests
+        from t2i.distributed import sample_images, state_digests
+        from t2i.eval.grid import write_contact_sheet
 
         step = self.state.step
         url = checkpoint_url(self.cfg["run_url"], step)
@@ -466,8 +456,9 @@ class _Worker:
                 "dataset_url": storage.describe(self.cfg["data_url"]), "dataset_digest": self.cfg["dataset_digest"],
             })
             saved = time.perf_counter() - t0
-            png = sample_grid(self.state.ema, self.model_cfg, self.cfg["eval"], seed=self.train_cfg.seed)
-            storage.write_bytes(storage.url_join(self.cfg["run_url"], "samples", f"step_{step:06d}.png"), png)
+            images = sample_images(self.state.ema, self.model_cfg, self.cfg["eval"], seed=self.train_cfg.seed)
+            write_contact_sheet(storage.url_join(self.cfg["run_url"], "samples", f"step_{step:06d}.png"), images,
+                                ncol=1, scale=2, row_labels=self.cfg["eval"]["captions"])
             # What was saved, so that a resume can be checked against it (weights, EMA, optimizers).
             self.files.event({"event": "checkpoint", "step": step, "url": storage.describe(url),
                               "save_s": round(saved, 3), "total_s": round(time.perf_counter() - t0, 3),
@@ -489,6 +480,9 @@ def _quiet_reports() -> None:
 
 def train_func(cfg: dict) -> dict:
     """The per-worker training loop (runs inside Ray Train)."""
+    # Batches are zero-copy views of Arrow buffers, read-only by design; torch warns about that
+    # from the collate thread, where a scoped filter would race with other threads.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     import ray.train
 
     from t2i.distributed import Meter, gather, param_digest, run_steps, wrap_ddp
@@ -542,6 +536,58 @@ def train_func(cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the driver
+
+
+class Progress(threading.Thread):
+    """The run's progress on the driver's console, read back from metrics.jsonl and events.jsonl.
+
+    Rank 0 writes those files anyway; reading them here gives one clean line per logging window
+    (and per start, restart and checkpoint) wherever the workers run, with or without Ray
+    forwarding worker output to the driver.
+    """
+
+    def __init__(self, run_url: str, total_steps: int, every: float = 2.0):
+        super().__init__(name="t2i-train-progress", daemon=True)
+        self.files, self.total, self.every = RunFiles(run_url), total_steps, every
+        self.stop_event = threading.Event()
+        self.seen_events = len(self._safe(self.files.events))
+        self.last_step = -1
+
+    @staticmethod
+    def _safe(fn):
+        try:
+            return fn()
+        except (T2IError, ValueError):  # a file mid-replacement on a store without atomic renames
+            return []
+
+    def poll(self) -> None:
+        from t2i.distributed import format_line
+
+        events = self._safe(self.files.events)
+        metrics = [json.loads(ln) for ln in self._safe(lambda: RunFiles._lines(self.files.metrics_url))]
+        items = [(int(e.get("step", 0)), 1, e) for e in events[self.seen_events:]]
+        items += [(int(r.get("step", 0)), 0, r) for r in metrics]
+        self.seen_events = max(self.seen_events, len(events))
+        for step, is_event, rec in sorted(items, key=lambda x: x[:2]):
+            if not is_event:
+                if step > self.last_step:
+                    log.info("%s", format_line(rec, self.total))
+                    self.last_step = step
+            elif rec.get("event") == "start":
+                self.last_step = step
+                how = f"resumed from {rec['resumed_from']} at step {step}" if rec.get("resumed_from") else "fresh start"
+                log.info("attempt %s: %s workers, %s", rec.get("attempt"), rec.get("world"), how)
+            elif rec.get("event") == "checkpoint":
+                log.info("checkpoint at step %d: %s (saved in %.1f s)", step, rec["url"], rec["save_s"])
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.every):
+            self.poll()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.join(self.every + 5)
+        self.poll()
 
 
 def _init_ray(job: JobConfig) -> None:
@@ -654,10 +700,14 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
         ),
         datasets={"train": _dataset(job, manifest)},
     )
+    progress = Progress(job.out, train_cfg.steps)
+    progress.start()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise T2IError(f"training failed: {_failure_message(e)}") from None
+    finally:
+        progress.close()
     out = dict(result.return_value or {})
     out["launch"] = cfg["launch"]
     out["dataset_digest"] = manifest["digest"]

@@ -3,8 +3,8 @@
 Plain PyTorch: the process group is set up by whoever launched the processes (Ray Train, torchrun,
 a benchmark). This module wraps a TrainState for DDP, turns stored rows into the batch contract of
 `t2i.train_step`, runs the step loop with its timing (data wait vs compute), formats the log line,
-fingerprints the training state (ranks in sync, resume restored what was saved) and renders
-sample grids at checkpoints.
+fingerprints the training state (ranks in sync, resume restored what was saved) and draws the
+eval images for the sample grids at checkpoints.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import io
-import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -219,39 +217,16 @@ def state_digests(state: TrainState) -> dict:
 # ----------------------------------------------------------------------------- sample grids
 
 
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> one uint8 image with the N tiles in rows of `cols`, on white."""
-    n, h, w, c = images.shape
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return out
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @torch.no_grad()
-def sample_grid(network: nn.Module, model_cfg: Any, prompts: Mapping[str, Any], seed: int = 0,
-                scale: int = 1) -> bytes:
-    """PNG bytes of one image per eval prompt from `network` (the EMA), fixed noise per prompt.
+def sample_images(network: nn.Module, model_cfg: Any, prompts: Mapping[str, Any], seed: int = 0) -> np.ndarray:
+    """uint8 [N, H, W, 3]: one image per eval prompt from `network` (the EMA), fixed noise per prompt.
 
-    prompts: {"tokens": [L_i, D] arrays, "pooled": [N, D], "ids": N strings}.
+    prompts: {"tokens": N arrays [L_i, D], "pooled": [N, D], "ids": N strings}. The noise depends
+    on (seed, id) only, so grids from successive checkpoints show the same draws.
     """
     from t2i.data.batching import collate_features
     from t2i.sampling import generate
 
     tokens, mask, pooled = collate_features(prompts["tokens"], prompts["pooled"])
     ids = [str(i) for i in prompts["ids"]]
-    images = generate(network, model_cfg, tokens, mask, pooled, [seed] * len(ids), ids).numpy()
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    return png_bytes(image_grid(images))
+    return generate(network, model_cfg, tokens, mask, pooled, [seed] * len(ids), ids).numpy()

@@ -5,6 +5,7 @@ around it (job resolution, batches, run files, state fingerprints) without a clu
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -277,11 +278,14 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
 
     # Retention: exactly the newest 2 checkpoints, nothing else under checkpoints/.
     kept = list_checkpoints(run)
-    assert [s for s, _ in kept] == [50, 60]
+    assert [s for s, _ in kept] == [50, 60], (kept, [(e["event"], e.get("step")) for e in events])
     assert len(storage.listdir(storage.url_join(run, "checkpoints"))) == 2
     steps = [r["step"] for r in _lines(metrics_url)]
     assert steps == sorted(steps) and steps[-1] == 60 and len(steps) == len(set(steps))
-    assert storage.exists(storage.url_join(run, "samples", "step_000060.png"))
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(storage.read_bytes(storage.url_join(run, "samples", "step_000060.png"))))
+    assert grid.height == 8 * (2 * RES + 2) + 2  # one labelled row per eval prompt, 2x scale
 
     reg = Registry(reg_url)
     assert reg.versions("shapes-flow") == [1]
