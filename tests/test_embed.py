@@ -102,7 +102,7 @@ def run_embed(argv: list[str]) -> int:
 
 def embed(data: str, out: str, encoder: str, kind: str = "encoder", *extra: str) -> int:
     return run_embed(["--data", data, "--out", out, "--encoder", encoder, "--encoder-kind", kind,
-                      "--resolution", str(RES), "--batch-size", "4", *extra])
+                      "--resolution", str(RES), "--batch-size", "4", "--encoders", "1", *extra])
 
 
 def _check_faults(root: str, out: str, encoder: str, capsys) -> dict:
