@@ -139,7 +139,9 @@ def write_markdown(res: dict) -> None:
         f"counted), i.e. {res['actors']} actor(s) x 1 thread, actor start-up included. Best of {res['rounds']} "
         "alternating round(s). The CPU was shared with other work while measuring (load average "
         f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end on 2 cores): absolute "
-        "numbers are low and noisy; the ratio is what the rounds compare.",
+        "numbers are low and noisy; the ratio is what the rounds compare. On a loaded CPU one process with "
+        "two OpenMP threads loses more than two single-threaded processes do (its threads wait for each other "
+        "at every op), so a ratio above 1 here overstates what Ray Data gains on an idle machine.",
         "",
         "| model | images | sampling | bare images/s | t2i generate images/s | ratio | rounds bare / ray (images/s) |",
         "|---|---:|---|---:|---:|---:|---|",
