@@ -32,7 +32,8 @@ from collections import OrderedDict
 
 log = logging.getLogger("t2i.generate")
 
-IMAGES, ERRORS, ROWS, MANIFEST, JOB, GRID = "images", "errors.jsonl", "manifest.jsonl", "manifest.json", "job.json", "grid.png"
+IMAGES, ERRORS, ROWS, MANIFEST = "images", "errors.jsonl", "manifest.jsonl", "manifest.json"
+JOB, GRID = "job.json", "grid.png"
 PNG_KEY = "t2i"  # iTXt keyword of the provenance record inside every PNG
 FORMAT = 1
 GRID_MAX = 64
@@ -49,15 +50,17 @@ _FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registered model: NAME, NAME:VERSION or NAME@ALIAS")
     p.add_argument("--prompts", required=True,
-                   help="prompt file (.txt one prompt per line; .jsonl/.csv/.parquet with prompt and optional id, seed)")
+                   help="prompt file: .txt (one prompt per line) or .jsonl/.csv/.parquet "
+                   "(prompt, optional id and seed)")
     p.add_argument("--out", required=True, help="output directory or s3:// prefix (images/, manifest, errors)")
     p.add_argument("--registry", default=None, help="registry URL (default: $T2I_REGISTRY, else ~/.t2i/registry)")
     p.add_argument("--steps", type=int, default=None, help="flow sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="flow classifier-free guidance (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help=f"prompts per actor call (default: %(default)s; on CPU the model takes {MICRO_BATCH} at a time)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
     p.add_argument("--actors", type=int, default=None,
-                   help="generation actors (default: one per GPU, else one per CPU core)")
+                   help=f"generation actors (default: one per GPU, else one per CPU core up to {MAX_DEFAULT_ACTORS})")
     p.add_argument("--grid", action="store_true", help=f"also write a contact sheet {GRID} (first {GRID_MAX} ids)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
@@ -316,7 +319,8 @@ def write_outputs(out: str, rows: list[dict], summary: dict) -> None:
     data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
     storage.write_bytes(storage.url_join(out, ROWS), data)
     summary = {**summary, "images": len(rows), "rows": ROWS, "rows_sha256": sha256(data)}
-    storage.write_bytes(storage.url_join(out, MANIFEST), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    storage.write_bytes(storage.url_join(out, MANIFEST), text.encode())
 
 
 def write_grid(out: str, rows: list[dict]) -> str:
@@ -451,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
         started = connect(args.address)
         try:
             plan = plan_resources(ray.cluster_resources(), args.actors)
+            # an actor with no batch to run would still pay for a model load
+            plan["actors"] = min(plan["actors"], math.ceil(len(todo) / args.batch_size))
             log.info("generate: %d %s actor(s), batch size %d", plan["actors"], plan["device"], args.batch_size)
             t0 = time.perf_counter()
             try:
@@ -477,6 +483,6 @@ def run(args: argparse.Namespace) -> int:
     grid = write_grid(out, rows) if args.grid else ""
     rate = len(written) / job_s if job_s > 0 else 0.0
     print(f"generate: {len(written)} written ({rate:.2f} images/s), {skipped + len(results) - len(written)} "
-          f"skipped (already there), {len(prompts.errors)} errors -> {storage.describe(out)} "
-          f"[{len(rows)} images in manifest{', grid ' + GRID if grid else ''}; {time.perf_counter() - t_start:.1f} s]")
+          f"already there, {len(prompts.errors)} bad prompt rows ({ERRORS}) -> {storage.describe(out)} "
+          f"[{len(rows)} images in manifest{', ' + GRID if grid else ''}; {time.perf_counter() - t_start:.1f} s]")
     return 0
