@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="flow sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="flow classifier-free guidance (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16,
-                   help=f"prompts per actor call (default: %(default)s; on CPU the model takes {MICRO_BATCH} at a time)")
+                   help=f"prompts per actor call (default: %(default)s; CPU models take {MICRO_BATCH} at a time)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
     p.add_argument("--actors", type=int, default=None,
                    help=f"generation actors (default: one per GPU, else one per CPU core up to {MAX_DEFAULT_ACTORS})")
