@@ -619,12 +619,14 @@ def _resources(job: JobConfig, model_cfg: Any) -> tuple[float, int]:
     return cpus, threads
 
 
-def _dataset(job: JobConfig, manifest: dict):
+def _dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig):
     """The embedded dataset as a Ray Dataset: in the object store when it fits easily, else streamed.
 
     Every epoch of a streamed dataset starts its read tasks again (seconds of stall per epoch on a
     busy machine); a dataset held in the object store is read once (here, with each part's sha256
-    checked) and each epoch only walks its blocks.
+    checked) and each epoch only walks its blocks. Either way the order of blocks (or files) is
+    reshuffled every epoch, so a worker's shard is not the same rows each epoch; the local shuffle
+    buffer of each worker mixes within it.
     """
     import ray
     import ray.data
@@ -636,12 +638,18 @@ def _dataset(job: JobConfig, manifest: dict):
     rows = int(manifest["counts"]["kept"])
     size = rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * int(manifest["text"]["real_tokens"])
     budget = float(ray.cluster_resources().get("object_store_memory", 0)) * 0.25
+    seed = train_cfg.seed % 2**32
     if size <= budget:
         log.info("train: holding the dataset in the object store (%.1f MB)", size / 2**20)
-        return ray.data.from_arrow([read_part(job.data, p, columns=list(_COLUMNS)) for p in manifest["parts"]])
+        block = max(16, train_cfg.batch_size // job.workers)
+        tables = [read_part(job.data, p, columns=list(_COLUMNS)) for p in manifest["parts"]]
+        blocks = [t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]
+        order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        return ray.data.from_arrow(blocks).randomize_block_order(seed=order)
     fs, _ = _arrow_fs(job.data)
     paths = [storage.split(u)[1] for u in part_urls(job.data, manifest)]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(_COLUMNS))
+    return ray.data.read_parquet(paths, filesystem=fs, columns=list(_COLUMNS),
+                                 shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
 
 
 def _failure_message(e: Exception) -> str:
@@ -661,6 +669,7 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from t2i.checkpoint import prune
     from t2i.data.embedded import read_manifest
 
     launched = launched or time.time()
@@ -698,7 +707,7 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets={"train": _dataset(job, manifest)},
+        datasets={"train": _dataset(job, manifest, train_cfg)},
     )
     progress = Progress(job.out, train_cfg.steps)
     progress.start()
@@ -708,6 +717,11 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
         raise T2IError(f"training failed: {_failure_message(e)}") from None
     finally:
         progress.close()
+    # Ray Train writes its record of the kept checkpoints before deleting the old ones, so a run cut
+    # short in between leaves a finished checkpoint nobody tracks; at the end of a successful run
+    # the newest `keep` on storage are exactly the ones Ray Train kept.
+    for url in prune(job.out, job.keep):
+        log.info("removed a checkpoint left over by an interrupted run: %s", storage.describe(url))
     out = dict(result.return_value or {})
     out["launch"] = cfg["launch"]
     out["dataset_digest"] = manifest["digest"]
