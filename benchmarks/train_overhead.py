@@ -155,8 +155,19 @@ def run_bare(data: str, model_cfg: dict, train_cfg: dict, world: int, threads: i
            "log_every": log_every}
     t0 = time.time()
     procs = [ctx.Process(target=_bare_rank, args=(r, world, port, cfg, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
+    # The environment Ray gives a worker reserving <= 1 CPU (and torchrun gives each process): the
+    # OpenMP runtime starts with OMP_NUM_THREADS=1 and torch.set_num_threads raises it. Under CPU
+    # contention that start-up setting alone changes step times by ~1.5x, so both sides share it.
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     out = queue.get(timeout=7200)
     for p in procs:
         p.join()

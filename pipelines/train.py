@@ -41,6 +41,8 @@ log = logging.getLogger("t2i.train")
 
 EVAL_PROMPTS = 8
 _COLUMNS = ("key", "caption", "image", "text_tokens", "text_len", "text_pooled")  # not `source`
+# Handed to the training workers: processes of a cluster started before this job (or on other
+# nodes) do not see the driver's environment, and rank 0 writes checkpoints with these settings.
 _ENV_PASS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
              "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "T2I_REGISTRY")
 
@@ -78,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU training)")
     p.add_argument("--cpus-per-worker", type=float,
-                   help="CPUs reserved per worker; fractions are fine (default: a share that leaves room for data tasks)")
+                   help="CPUs reserved per worker; fractions are fine "
+                        "(default: a share that leaves room for data tasks)")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: 2 x the CPU reservation)")
     p.add_argument("--steps", type=int, help="train until this global step (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="global batch size, split evenly over the workers")
@@ -207,8 +210,8 @@ def eval_prompts(job: JobConfig, manifest: dict) -> dict:
     """Fixed eval prompts for the sample grids, as text features of the dataset's own encoder.
 
     The job's `eval_prompts` are embedded here with that encoder; without them, the first distinct
-    captions of the dataset (in key order) are used with their stored features, so no encoder is
-    needed on the cluster.
+    captions (in key order) of the dataset's first part are used with their stored features: the
+    same prompts for the same dataset, one part read, and no encoder needed here.
     """
     import numpy as np
 
@@ -429,7 +432,8 @@ class _Worker:
         ck = None
         if self.rank == 0:
             st = self.ctx.get_storage()
-            ck = ray.train.Checkpoint(path=f"{st.experiment_fs_path}/checkpoints/{name}", filesystem=st.storage_filesystem)
+            ck = ray.train.Checkpoint(path=f"{st.experiment_fs_path}/checkpoints/{name}",
+                                      filesystem=st.storage_filesystem)
         ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -530,8 +534,9 @@ def train_func(cfg: dict) -> dict:
     out = {"step": state.step, "samples_seen": state.samples_seen, "checkpoint": final, "param_digests": digests,
            "resumed_from": start["resumed_from"], "attempt": start.get("attempt"), "metrics": w.last_metrics}
     if w.rank == 0:
-        w.files.event({"event": "end", "step": state.step, "launch": cfg["launch"], "checkpoint": storage.describe(final),
-                       "param_digests": digests, "ranks_in_sync": len(set(digests)) == 1})
+        w.files.event({"event": "end", "step": state.step, "launch": cfg["launch"],
+                       "checkpoint": storage.describe(final), "param_digests": digests,
+                       "ranks_in_sync": len(set(digests)) == 1})
     return out
 
 

@@ -24,7 +24,7 @@ from t2i import storage
 from t2i.config import EncoderSpec, to_dict
 from t2i.data import embedded as E
 from t2i.data import shapes
-from t2i.errors import ConfigError
+from t2i.errors import ConfigError, T2IError
 
 REPO = Path(__file__).resolve().parent.parent
 RES = 16
@@ -100,9 +100,10 @@ def test_job_file_flags_and_refusals(tmp_path, tiny_encoders):
     model_cfg, train_cfg = train.resolve_model(job, manifest)
     train.write_run_config(job, model_cfg, train_cfg, manifest)
     train.write_run_config(job, model_cfg, train_cfg, manifest)
-    wider = train.resolve_job(_args(model="flow-debug", config=_yaml(tmp_path, {"model_config": {"width": 32}}), **base))
+    wider = _yaml(tmp_path, {"model_config": {"width": 32}})
+    wider = train.resolve_job(_args(model="flow-debug", config=wider, **base))
     m2, t2 = train.resolve_model(wider, manifest)
-    with pytest.raises(Exception, match=r"holds a run of another model \(model.width"):
+    with pytest.raises(T2IError, match=r"holds a run of another model \(model.width"):
         train.write_run_config(wider, m2, t2, manifest)
 
 
@@ -148,6 +149,62 @@ def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
     assert [r["step"] for r in _lines(again.metrics_url)] == [5, 10, 15]
     assert _lines(again.metrics_url)[-1]["again"] is True
     assert [e["event"] for e in again.events()] == ["start"]
+
+
+def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
+    from pipelines import train
+    from t2i.text import TextEncoder
+
+    data = str(tmp_path / "emb")
+    manifest = make_embedded(data, tiny_encoders["encoder"], num=64, parts=2)
+    job = train.resolve_job(_args(data=data, model="flow-debug", out=tmp_path / "run"))
+    got = train.eval_prompts(job, manifest)
+    # The first distinct captions, in key order, of the first part, with their stored features.
+    part = E.decode_rows(E.read_part(data, manifest["parts"][0]).sort_by("key"), RES, 64)
+    first: dict = {}
+    for i, c in enumerate(part["captions"]):
+        first.setdefault(c, i)
+    rows = list(first.values())[:train.EVAL_PROMPTS]
+    assert got["captions"] == [part["captions"][i] for i in rows] and len(rows) == train.EVAL_PROMPTS
+    for t, i in zip(got["tokens"], rows):
+        assert np.array_equal(t, part["tokens"][i])
+    assert np.array_equal(got["pooled"], part["pooled"][rows])
+
+    prompts = ("a red circle on a blue background", "a white square on a black background")
+    job = train.resolve_job(_args(data=data, model="flow-debug", out=tmp_path / "run",
+                                  config=_yaml(tmp_path, {"eval_prompts": list(prompts)})))
+    got = train.eval_prompts(job, manifest)
+    spec = EncoderSpec(**{k: v for k, v in manifest["encoder"].items()})
+    want = TextEncoder(spec).encode(list(prompts))
+    assert got["captions"] == list(prompts) and np.array_equal(got["pooled"], want.pooled)
+    assert all(np.array_equal(a, b) for a, b in zip(got["tokens"], want.tokens))
+
+
+def test_progress_lines_follow_the_run_files(tmp_path, caplog):
+    from pipelines.train import Progress, RunFiles
+
+    files = RunFiles(str(tmp_path))
+    progress = Progress(str(tmp_path), total_steps=20)
+    files.start(0)
+    files.event({"event": "start", "attempt": 1, "world": 2, "step": 0, "resumed_from": None})
+    for step in (5, 10):
+        files.metric({"step": step, "loss": 1.0 / step, "img_per_s": 100.0, "step_s": 0.1, "data_wait": 0.01,
+                      "lr": 1e-3})
+    files.event({"event": "checkpoint", "step": 10, "url": "ck10", "save_s": 0.2})
+    with caplog.at_level("INFO", logger="t2i.train"):
+        progress.poll()
+        # A restart from step 5: the redone steps are shown again, after the attempt line.
+        files.start(5)
+        files.event({"event": "start", "attempt": 2, "world": 2, "step": 5, "resumed_from": "ck5"})
+        files.metric({"step": 10, "loss": 0.5, "img_per_s": 90.0, "step_s": 0.1, "data_wait": 0.0, "lr": 1e-3})
+        progress.poll()
+        progress.poll()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "t2i.train"]
+    assert msgs[0] == "attempt 1: 2 workers, fresh start"
+    assert msgs[1].startswith("step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0%")
+    assert msgs[2].startswith("step 10/20") and msgs[3].startswith("checkpoint at step 10: ck10")
+    assert msgs[4] == "attempt 2: 2 workers, resumed from ck5 at step 5"
+    assert msgs[5].startswith("step 10/20 loss=0.5") and len(msgs) == 6
 
 
 def test_state_digests_follow_a_checkpoint_round_trip(tmp_path):
