@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -34,12 +36,44 @@ def ray_head(tmp_path):
            f"--runtime-env-agent-port={free_port()}",
            f"--min-worker-port={wport}", f"--max-worker-port={wport + 200}",
            f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    # --block keeps `ray start` in the foreground as the parent of this cluster's processes, so
+    # teardown can stop exactly this cluster (`ray stop` would stop every Ray on the machine).
+    log = open(tmp_path / "ray-start.log", "wb")
+    head = subprocess.Popen([*cmd, "--block"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
     try:
+        _wait_up(head, dash, deadline, tmp_path)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
-        subprocess.run(["rm", "-rf", str(temp)])
+        _stop(head, temp)
+
+
+def _wait_up(head, dash, deadline, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (401 without the token): it is up
+            break
+        except Exception:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError("ray start --head failed: " + (tmp_path / "ray-start.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+
+def _stop(head, temp):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(20)
+            break
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+    subprocess.run(["pkill", "-9", "-f", str(temp)])  # any straggler of this cluster only
+    subprocess.run(["rm", "-rf", str(temp)])
 
 
 def _submit(address, env, *entry, cwd=REPO, timeout=600):
