@@ -736,6 +736,9 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
 def run(args: argparse.Namespace) -> int:
     launched = time.time()
     job = resolve_job(args)
+    from t2i.models import get_preset
+
+    get_preset(job.model)  # an unknown preset is named before any data is read or Ray started
     out = fit(job, launched)
     m = out.get("metrics") or {}
     losses = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k.startswith("loss"))
