@@ -18,9 +18,10 @@ log = logging.getLogger("t2i.demo")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="directory for everything the demo writes (default: %(default)s)")
     p.add_argument("--model", default="gan-s", help="preset to train (default: %(default)s; flow-s also works)")
-    p.add_argument("--num", type=int, default=8000, help="shapes samples to generate (default: %(default)s)")
+    p.add_argument("--num", type=int, default=6000, help="shapes samples to generate (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=32, help="image size in pixels (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's demo budget)")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="training steps (default: %(default)s, a demo budget; the preset's own is longer)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--per-prompt", type=int, default=8, help="images per evaluation prompt (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
