@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from t2i import storage
+from t2i.data.shards import Skip, SkipSample, iter_samples, parse_sample
 from t2i.errors import IntegrityError, T2IError
 
 FORMAT = "t2i-embedded"
@@ -329,8 +330,6 @@ def decode_rows(batch: Any, resolution: int | None = None, dim: int | None = Non
     }
 
 
-rows_to_arrays = decode_rows
-
 
 @dataclasses.dataclass
 class Embedded:
@@ -404,8 +403,6 @@ def shard_rows(url: str, index: int, resolution: int, min_size: int = 0, chunk_s
     (chunk id = index << 32 | ordinal // chunk_size): the text encoder always sees the same
     captions together, whatever Ray does with the rows, so embeddings are reproducible bit for bit.
     """
-    from t2i.data.shards import Skip, SkipSample, iter_samples, parse_sample
-
     shard = storage.describe(url)
     fs, path = storage.filesystem(url)
     cols, kept = _empty_work(), 0
