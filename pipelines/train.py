@@ -397,13 +397,16 @@ class _Worker:
 
     def resume(self) -> dict:
         """Load the resume checkpoint on every rank; returns the start event (rank 0 records it)."""
+        import torch
+
         from t2i.checkpoint import load_checkpoint
         from t2i.distributed import broadcast, gather, state_digests
 
         url, tracked = _resume_point(self.cfg["run_url"]) if self.rank == 0 else (None, False)
         url, tracked = broadcast((url, tracked))
         start = {"event": "start", "launch": self.cfg["launch"], "world": self.world, "resumed_from": None,
-                 "step": 0, "pids": gather(os.getpid()), "hosts": gather(socket.gethostname())}
+                 "step": 0, "pids": gather(os.getpid()), "hosts": gather(socket.gethostname()),
+                 "device": str(self.runtime.device), "threads": torch.get_num_threads()}
         if url is not None:
             ck = load_checkpoint(url, self.state, map_location=self.runtime.device)
             pos = ck.meta.get("data_position") or {}

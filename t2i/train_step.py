@@ -180,6 +180,24 @@ def _sync_grads(module: nn.Module) -> None:
         i += n
 
 
+def mismatched_rows(pooled: torch.Tensor, how: str = "hard") -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, another row of the batch whose caption serves as its wrong caption.
+
+    "roll": the next row (GigaGAN's random mismatch). "hard": the row with the most similar
+    pooled text among those with a different caption, so D also learns the attributes random
+    pairs rarely isolate (a caption differing only in its shape word). Returns (index [B],
+    valid [B]); a row is invalid when every row of the batch has its caption.
+    """
+    B = pooled.shape[0]
+    same = (pooled[:, None, :] == pooled[None, :, :]).all(-1)  # [B, B], diagonal included
+    if how == "roll":
+        idx = torch.arange(B, device=pooled.device).roll(-1)
+        return idx, ~same[torch.arange(B, device=pooled.device), idx]
+    p = torch.nn.functional.normalize(pooled.float(), dim=1)
+    sim = (p @ p.T).masked_fill(same, float("-inf"))  # [B, B]
+    return sim.argmax(1), ~same.all(1)
+
+
 def _double_backward_attention(enabled: bool):
     """R1/R2 differentiate D's input gradient again; the fused attention kernels (flash,
     memory-efficient, CPU flash) have no double backward, the math kernel has."""
@@ -214,15 +232,15 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     G.train()
     D.train()
     reg = (cfg.r1_gamma > 0 or cfg.r2_gamma > 0) and state.step % cfg.reg_every == 0
-    # A mismatched caption for every real image: the batch rolled by one row.
-    valid = (pooled != pooled.roll(1, 0)).any(1)  # [B]
+    wrong, valid = mismatched_rows(pooled, cfg.match_negatives)  # [B], [B]
+    tokens_w, mask_w, pooled_w = tokens[wrong], mask[wrong], pooled[wrong]
 
     with state.runtime.autocast():
         fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
         x = torch.cat([real, fake.detach(), real]).requires_grad_(reg)  # [3B, 3, R, R]
         with _double_backward_attention(reg):
-            logits = D(x, torch.cat([tokens, tokens, tokens.roll(1, 0)]), torch.cat([mask, mask, mask.roll(1, 0)]),
-                       torch.cat([pooled, pooled, pooled.roll(1, 0)]))  # [3B]
+            logits = D(x, torch.cat([tokens, tokens, tokens_w]), torch.cat([mask, mask, mask_w]),
+                       torch.cat([pooled, pooled, pooled_w]))  # [3B]
         d_real, d_fake, d_wrong = logits.float().split(B)
         loss_adv = rpgan_d_loss(d_real, d_fake)
         loss_match = matching_d_loss(d_real, d_wrong, valid)

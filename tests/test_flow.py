@@ -39,8 +39,9 @@ def features(B: int, L: int, seed: int = 0):
     return collate_features(tokens, torch.randn(B, D, generator=g))
 
 
-def test_zero_init_predicts_zero_velocity():
-    m = FlowDiT(tiny_cfg())
+@pytest.mark.parametrize("extras", [{}, {"conv_mlp": True, "long_skips": True, "conv_channels": 8, "conv_stem": True, "depth": 3}])
+def test_zero_init_predicts_zero_velocity(extras):
+    m = FlowDiT(tiny_cfg(**extras))
     tokens, mask, pooled = features(3, 5)
     v = m(torch.randn(3, 3, 8, 8), torch.rand(3), tokens, mask, pooled)
     assert v.shape == (3, 3, 8, 8)
@@ -134,6 +135,23 @@ def test_generate_is_deterministic_per_row_whatever_the_batch():
     other = generate(m, cfg, tokens, mask, pooled, [s + 1 for s in seeds], ids)
     assert not torch.equal(other, full)
     assert torch.equal(row_noise([7], ["a"], (3,)), row_noise([7], ["a"], (3,)))
+
+
+def test_x_prediction_returns_velocity_towards_the_predicted_image():
+    extras = dict(conv_mlp=True, long_skips=True, conv_channels=8, conv_stem=True, depth=3)
+    mx = trained_like(tiny_cfg(prediction="x", **extras))
+    mv = FlowDiT(tiny_cfg(prediction="v", **extras)).eval()
+    mv.load_state_dict(mx.state_dict())  # same weights: mv's output is mx's clean-image guess
+    tokens, mask, pooled = features(2, 4, seed=6)
+    noise = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        x_hat = mv(noise, torch.ones(2), tokens, mask, pooled)
+        one_step = flow_sample(mx, tokens, mask, pooled, noise, 1, 1.0)  # t: 1 -> 0 in one Euler step
+        torch.testing.assert_close(one_step, x_hat, rtol=1e-5, atol=1e-5)
+        t = torch.tensor([0.5, 0.01])  # the floor keeps v finite near t = 0
+        v = mx(noise, t, tokens, mask, pooled)
+        expect = (noise - mv(noise, t, tokens, mask, pooled)) / torch.tensor([0.5, 0.05]).view(2, 1, 1, 1)
+        torch.testing.assert_close(v, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_flow_noise_depends_on_sample_seed_and_step_only():

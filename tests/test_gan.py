@@ -201,7 +201,11 @@ def test_gan_overfits_16_samples(debug, rt):
     assert d1 * 5 <= d0, (d0, d1)
 
 
-def _ddp_worker(rank: int, world: int, init: str, out_dir: str, steps: int) -> None:
+def _flat(module: torch.nn.Module, what: str) -> torch.Tensor:
+    return torch.cat([(q.grad if what == "grad" else q).detach().flatten() for q in module.parameters()])
+
+
+def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -214,29 +218,31 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str, steps: int) -> N
         st.modules = {k: DDP(m) for k, m in st.modules.items()}
         full = toy_batch(8, cfg.resolution, cfg.text_dim)
         half = {k: v[rank * 4:(rank + 1) * 4] for k, v in full.items()}
-        for _ in range(steps):
-            gan_train_step(st, half)
-        torch.save({k: torch.cat([q.flatten() for q in m.module.parameters()]) for k, m in st.modules.items()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        gan_train_step(st, half)
+        out = {f"grad.{k}": _flat(m.module, "grad") for k, m in st.modules.items()}
+        gan_train_step(st, half)
+        out.update({f"param.{k}": _flat(m.module, "param") for k, m in st.modules.items()})
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path, rt):
-    """G and D wrapped in DDP on 2 gloo ranks, 4 rows each == one process on all 8 rows
-    (with per-sample losses; the penalties' double backward runs on every step here)."""
+    """G and D wrapped in DDP on 2 gloo ranks, 4 rows each: the ranks stay identical, and the
+    synchronised gradients of a step equal one process's on all 8 rows (per-sample losses; the
+    penalties' double backward runs on every step of gan-debug)."""
     import torch.multiprocessing as mp
 
-    steps = 3
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), steps), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     p = MODELS["gan-debug"]()
     st = make_gan_state(replace(p.model, match_weight=0.0), p.train, rt)
-    full = toy_batch(8, p.model.resolution, p.model.text_dim)
-    for _ in range(steps):
-        gan_train_step(st, full)
+    gan_train_step(st, toy_batch(8, p.model.resolution, p.model.text_dim))
     for k in ("G", "D"):
-        assert torch.equal(r0[k], r1[k]), k
-        single = torch.cat([q.flatten() for q in st.modules[k].parameters()])
-        torch.testing.assert_close(r0[k], single, atol=2e-5, rtol=1e-4)
+        assert torch.equal(r0[f"param.{k}"], r1[f"param.{k}"]), k
+        # Adam turns rounding noise in gradients that cancel exactly (D's output bias under a
+        # relativistic loss) into whole steps, so compare gradients, not updated weights.
+        single = _flat(st.modules[k], "grad")
+        err = (r0[f"grad.{k}"] - single).norm() / single.norm()
+        assert err < 1e-4, (k, float(err))

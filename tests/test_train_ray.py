@@ -166,7 +166,7 @@ def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
         first.setdefault(c, i)
     rows = list(first.values())[:train.EVAL_PROMPTS]
     assert got["captions"] == [part["captions"][i] for i in rows] and len(rows) == train.EVAL_PROMPTS
-    for t, i in zip(got["tokens"], rows):
+    for t, i in zip(got["tokens"], rows, strict=True):
         assert np.array_equal(t, part["tokens"][i])
     assert np.array_equal(got["pooled"], part["pooled"][rows])
 
@@ -177,7 +177,7 @@ def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
     spec = EncoderSpec(**{k: v for k, v in manifest["encoder"].items()})
     want = TextEncoder(spec).encode(list(prompts))
     assert got["captions"] == list(prompts) and np.array_equal(got["pooled"], want.pooled)
-    assert all(np.array_equal(a, b) for a, b in zip(got["tokens"], want.tokens))
+    assert all(np.array_equal(a, b) for a, b in zip(got["tokens"], want.tokens, strict=True))
 
 
 def test_progress_lines_follow_the_run_files(tmp_path, caplog):

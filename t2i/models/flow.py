@@ -34,8 +34,19 @@ class FlowConfig:
     mlp_ratio: float = 4.0
     conv_mlp: bool = False  # 3x3 depthwise conv inside the MLP (Mix-FFN): a locality prior in pixel space
     long_skips: bool = False  # U-ViT long skip connections between the first and second half of blocks
+    # Full-resolution convolutions around the transformer (pixel-space DiTs lose fine detail in the
+    # patch bottleneck): conv_channels > 0 unpatchifies to that many channels and finishes with 3x3
+    # convs (U-ViT's output conv, Bao et al. 2023); conv_stem adds a 3x3 conv stem before the
+    # patch embedding whose features skip straight to those output convs.
+    conv_channels: int = 0
+    conv_stem: bool = False
     pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
-    qk_norm: bool = True  # RMS-normalised queries/keys keep attention logits bounded at high LR
+    qk_norm: bool = True
+    # What the network's last layer predicts: "v" (the velocity itself) or "x" (the clean image,
+    # turned into v = (x_t - x) / t; Li & He 2025, "Back to Basics: Let Denoising Generative Models
+    # Denoise"): clean images are low-dimensional, noise is not, so x is the easier target in pixels.
+    prediction: str = "v"
+    x_pred_t_min: float = 0.05  # floor on t when dividing by it (x prediction)  # RMS-normalised queries/keys keep attention logits bounded at high LR
     caption_dropout: float = 0.1  # probability a caption is replaced by the null condition
     t_mean: float = 0.0  # logit-normal time sampling: t = sigmoid(t_mean + t_std * n)
     t_std: float = 1.0
@@ -51,6 +62,10 @@ class FlowConfig:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
         if self.pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
+        if self.conv_stem and not self.conv_channels:
+            raise ValueError("conv_stem needs conv_channels > 0")
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"prediction must be 'v' or 'x', got {self.prediction!r}")
         if self.sampler not in ("euler", "heun"):
             raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
 
@@ -164,11 +179,26 @@ class FinalLayer(nn.Module):
         W = cfg.width
         self.norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
-        self.linear = nn.Linear(W, cfg.patch * cfg.patch * 3)
+        C = self.channels = cfg.conv_channels or 3
+        self.linear = nn.Linear(W, cfg.patch * cfg.patch * C)
+        self.conv_in = None
+        if cfg.conv_channels:
+            # 3x3 convs across patch borders smooth the seams a per-patch linear decoder leaves.
+            self.conv_in = nn.Conv2d(2 * C if cfg.conv_stem else C, C, 3, padding=1)
+            self.conv_out = nn.Conv2d(C, 3, 3, padding=1)
 
-    def forward(self, x, c):
+    def forward(self, x, c, grid: int, patch: int, stem=None):
+        # x [B, N, W]; c [B, W]; stem [B, C, H, W] or None -> [B, 3, grid*patch, grid*patch]
         shift, scale = self.ada(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, p*p*3]
+        h = self.linear(modulate(self.norm(x), shift, scale))  # [B, N, p*p*C]
+        B, C = h.shape[0], self.channels
+        h = h.view(B, grid, grid, patch, patch, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
+        h = h.reshape(B, C, grid * patch, grid * patch)
+        if self.conv_in is None:
+            return h
+        if stem is not None:
+            h = torch.cat([h, stem], dim=1)
+        return self.conv_out(F.silu(self.conv_in(h)))
 
 
 class FlowDiT(nn.Module):
@@ -183,7 +213,11 @@ class FlowDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         W, p, D = cfg.width, cfg.patch, cfg.text_dim
-        self.patch_embed = nn.Conv2d(3, W, kernel_size=p, stride=p)
+        self.stem = None
+        if cfg.conv_stem:
+            self.stem = nn.Sequential(nn.Conv2d(3, cfg.conv_channels, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(cfg.conv_channels, cfg.conv_channels, 3, padding=1))
+        self.patch_embed = nn.Conv2d(cfg.conv_channels if cfg.conv_stem else 3, W, kernel_size=p, stride=p)
         n = cfg.grid * cfg.grid
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos", sincos_pos_embed(W, cfg.grid)[None], persistent=False)
@@ -217,8 +251,10 @@ class FlowDiT(nn.Module):
             nn.init.zeros_(blk.ada[-1].bias)
         nn.init.zeros_(self.final.ada[-1].weight)
         nn.init.zeros_(self.final.ada[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        # The output starts at zero: the last layer is zeroed (and only it, so gradients still flow).
+        last = self.final.linear if self.final.conv_in is None else self.final.conv_out
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def condition(self, tokens, mask, pooled, drop=None):
         """Caption -> (ctx [B, 1+L, W], ctx_mask [B, 1+L], pooled [B, D]) with dropped rows nulled."""
@@ -237,7 +273,8 @@ class FlowDiT(nn.Module):
         cfg = self.cfg
         B, _, H, Wd = x.shape
         ctx, ctx_mask, pooled = self.condition(tokens, mask, pooled, drop)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, W]
+        stem = None if self.stem is None else self.stem(x)  # [B, C, H, W]
+        h = self.patch_embed(x if stem is None else stem).flatten(2).transpose(1, 2) + self.pos  # [B, N, W]
         c = self.t_embed(timestep_embedding(t, cfg.width)) + self.pooled_embed(pooled)  # [B, W]
         stack = []
         for i, blk in enumerate(self.blocks):
@@ -245,10 +282,10 @@ class FlowDiT(nn.Module):
             h = blk(h, c, ctx, ctx_mask, skip)
             if i < self.n_skip:
                 stack.append(h)
-        h = self.final(h, c)  # [B, N, p*p*3]
-        g, p = cfg.grid, cfg.patch
-        h = h.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, g, p, g, p]
-        return h.reshape(B, 3, H, Wd)
+        out = self.final(h, c, cfg.grid, cfg.patch, stem)  # [B, 3, H, W]
+        if cfg.prediction == "x":
+            return (x - out) / t.clamp(min=cfg.x_pred_t_min).view(B, 1, 1, 1).to(out.dtype)
+        return out
 
 
 # ----------------------------------------------------------------------------- presets

@@ -44,6 +44,7 @@ class GANConfig:
     r2_gamma: float = 1.0  # R2 on fakes (R3GAN)
     reg_every: int = 4  # lazy R1/R2 every k D steps, scaled by k (StyleGAN2 Sec. 3.1)
     match_weight: float = 1.0  # mismatched-caption negatives (GigaGAN matching-aware D)
+    match_negatives: str = "hard"  # "hard": the most similar other caption in the batch; "roll"
 
     def __post_init__(self):
         if self.family != "gan":
@@ -68,6 +69,8 @@ class GANConfig:
         for a, w in [(a, widths[a]) for a in self.g_attn_res] + [(a, widths_d[a]) for a in self.d_attn_res]:
             if w % self.heads:
                 raise ConfigError(f"GANConfig.heads: {self.heads} does not divide {w} channels at {a} px")
+        if self.match_negatives not in ("hard", "roll"):
+            raise ConfigError(f"GANConfig.match_negatives: {self.match_negatives!r} is not 'hard' or 'roll'")
         if self.reg_every < 1:
             raise ConfigError("GANConfig.reg_every: must be >= 1")
 
