@@ -24,15 +24,20 @@ def rpgan_g_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return F.softplus(real_logits - fake_logits).mean()
 
 
-def matching_d_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor,
-                    valid: torch.Tensor) -> torch.Tensor:
-    """Matching-aware term: a real image with another row's caption is a negative.
+def matching_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """Matching-aware term: an image scored with another row's caption must score lower than
+    with its own, E[softplus(D(x, c') - D(x, c))] over rows with `valid` [B] True.
 
-    GigaGAN (Kang et al. 2023, "Scaling up GANs for Text-to-Image Synthesis", matching-aware
-    loss; from Reed et al. 2016's GAN-CLS, Algorithm 1) counts (real image, wrong caption) as
-    fake, so D must check the text and not only realism. Here it is paired relativistically
-    like the main loss: softplus(D(x, c') - D(x, c)). `valid` [B] bool drops rows whose
-    "wrong" caption happens to equal the right one.
+    For D on real images this is GigaGAN's matching-aware loss (Kang et al. 2023, "Scaling up
+    GANs for Text-to-Image Synthesis"; from Reed et al. 2016's GAN-CLS, Algorithm 1): (real
+    image, wrong caption) counts as fake, so D must check the text and not only realism; here it
+    is paired relativistically like the main loss. For G on its own images it is a pairwise form
+    of XMC-GAN's image-sentence contrastive loss (Zhang et al. 2021, "Cross-Modal Contrastive
+    Learning for Text-to-Image Generation", Sec. 3, with D's projection head as the critic): with
+    a projection D, D(x, c) - D(x, c') = <phi(x), psi(c) - psi(c')> does not depend on realism,
+    so G is pushed exactly along the features that tell its caption from the wrong one.
+    `valid` drops rows whose "wrong" caption happens to equal the right one.
     """
     v = valid.to(matched_logits.dtype)
     return (F.softplus(mismatched_logits - matched_logits) * v).sum() / v.sum().clamp(min=1)

@@ -217,7 +217,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     The fakes of the D step are reused for the G step (G has not moved in between), which saves
     a generator forward per step.
     """
-    from t2i.losses import grad_sq_norm, matching_d_loss, rpgan_d_loss, rpgan_g_loss
+    from t2i.losses import grad_sq_norm, matching_loss, rpgan_d_loss, rpgan_g_loss
 
     cfg, tc = state.model_cfg, state.train_cfg
     G, D = unwrap(state.modules["G"]), unwrap(state.modules["D"])
@@ -237,17 +237,21 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
 
     with state.runtime.autocast():
         fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
-        x = torch.cat([real, fake.detach(), real]).requires_grad_(reg)  # [3B, 3, R, R]
-        with _double_backward_attention(reg):
-            logits = D(x, torch.cat([tokens, tokens, tokens_w]), torch.cat([mask, mask, mask_w]),
-                       torch.cat([pooled, pooled, pooled_w]))  # [3B]
+        x = torch.cat([real, fake.detach()]).requires_grad_(reg)  # [2B, 3, R, R]: reals, fakes
+        text = [torch.cat([t, t, t_w]) for t, t_w in ((tokens, tokens_w), (mask, mask_w), (pooled, pooled_w))]
+        if reg:  # the penalty's double backward covers reals and fakes, not the wrong-caption rows
+            with _double_backward_attention(True):
+                logits_rf = D(x, *(t[: 2 * B] for t in text))  # [2B]
+            logits = torch.cat([logits_rf, D(real, tokens_w, mask_w, pooled_w)])  # [3B]
+        else:
+            logits = D(torch.cat([x, real]), *text)  # [3B], one pass
         d_real, d_fake, d_wrong = logits.float().split(B)
         loss_adv = rpgan_d_loss(d_real, d_fake)
-        loss_match = matching_d_loss(d_real, d_wrong, valid)
+        loss_match = matching_loss(d_real, d_wrong, valid)
         loss_d = loss_adv + cfg.match_weight * loss_match
         r1 = r2 = torch.zeros(())
         if reg:
-            sq = grad_sq_norm(logits[: 2 * B], x)[: 2 * B]  # [2B]: reals, then fakes
+            sq = grad_sq_norm(logits_rf, x)  # [2B]
             r1, r2 = sq[:B].mean(), sq[B:].mean()
             loss_d = loss_d + cfg.reg_every * (cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
     opt_d.zero_grad(set_to_none=True)
@@ -261,8 +265,14 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
         with state.runtime.autocast():
             with torch.no_grad():
                 g_real = D(real, tokens, mask, pooled).float()  # [B], with the updated D
-            g_fake = D(fake, tokens, mask, pooled).float()  # [B]
-            loss_g = rpgan_g_loss(g_real, g_fake)
+            if cfg.g_match_weight > 0:
+                g_fake, g_wrong = D(torch.cat([fake, fake]), torch.cat([tokens, tokens_w]),
+                                    torch.cat([mask, mask_w]), torch.cat([pooled, pooled_w])).float().split(B)
+                loss_g_match = matching_loss(g_fake, g_wrong, valid)
+            else:
+                g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), torch.zeros(())  # [B]
+            loss_g_adv = rpgan_g_loss(g_real, g_fake)
+            loss_g = loss_g_adv + cfg.g_match_weight * loss_g_match
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
     finally:
@@ -277,6 +287,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     return {
         "loss": loss_g_f, "loss_g": loss_g_f, "loss_d": _finite(loss_d.detach()),
         "loss_adv": _finite(loss_adv.detach()), "loss_match": _finite(loss_match.detach()),
+        "loss_g_adv": _finite(loss_g_adv.detach()), "loss_g_match": _finite(loss_g_match.detach()),
         "r1": _finite(r1.detach()), "r2": _finite(r2.detach()), "reg": float(reg),
         "d_gap": _finite((d_real - d_fake).mean().detach()),
         "grad_norm_d": _finite(gn_d), "grad_norm_g": _finite(gn_g), "lr": lr_g, "lr_d": lr_d,

@@ -213,7 +213,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         p = MODELS["gan-debug"]()
-        cfg = replace(p.model, match_weight=0.0)  # the matching pairs are drawn within a rank
+        cfg = replace(p.model, match_weight=0.0, g_match_weight=0.0)  # the matching pairs are drawn within a rank
         st = make_gan_state(cfg, p.train, setup_runtime("cpu"))
         st.modules = {k: DDP(m) for k, m in st.modules.items()}
         full = toy_batch(8, cfg.resolution, cfg.text_dim)
@@ -237,7 +237,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, rt):
     mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     p = MODELS["gan-debug"]()
-    st = make_gan_state(replace(p.model, match_weight=0.0), p.train, rt)
+    st = make_gan_state(replace(p.model, match_weight=0.0, g_match_weight=0.0), p.train, rt)
     gan_train_step(st, toy_batch(8, p.model.resolution, p.model.text_dim))
     for k in ("G", "D"):
         assert torch.equal(r0[f"param.{k}"], r1[f"param.{k}"]), k

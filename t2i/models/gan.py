@@ -45,6 +45,7 @@ class GANConfig:
     reg_every: int = 4  # lazy R1/R2 every k D steps, scaled by k (StyleGAN2 Sec. 3.1)
     match_weight: float = 1.0  # mismatched-caption negatives (GigaGAN matching-aware D)
     match_negatives: str = "hard"  # "hard": the most similar other caption in the batch; "roll"
+    g_match_weight: float = 1.0  # G's images must also score higher with their caption (XMC-GAN)
 
     def __post_init__(self):
         if self.family != "gan":
