@@ -26,11 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _report import write_section  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-MARK_BEGIN, MARK_END = "<!-- generate_throughput -->", "<!-- /generate_throughput -->"
 DEFAULT_NUM = {"gan-s": 1024, "flow-s": 48}
 
 
@@ -127,9 +127,7 @@ def measure(preset: str, work: str, registry: str, num: int, batch_size: int, ro
 
 
 def write_markdown(res: dict) -> None:
-    path = ROOT / "BENCHMARKS.md"
     lines = [
-        MARK_BEGIN,
         "## Generation throughput (`benchmarks/generate_throughput.py`)",
         "",
         f"Random-init models with {res['encoder']} (dim {res['dim']}), batch {res['batch_size']}, {res['cpus']} CPU "
@@ -163,15 +161,8 @@ def write_markdown(res: dict) -> None:
     same = [m["model"] for m in res["models"] if m["same_bytes_bare_vs_ray"]]
     lines.append(f"Same PNG bytes from both paths: {', '.join(same) if same else 'none'} "
                  f"(of {', '.join(m['model'] for m in res['models'])}).")
-    lines.append(MARK_END)
     section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        pre, rest = text.split(MARK_BEGIN, 1)
-        text = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section("generate_throughput", section)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _report import write_section  # noqa: E402
 
 from t2i.models import get_preset  # noqa: E402
 from t2i.runtime import setup_runtime  # noqa: E402
@@ -227,17 +228,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(section: str, body: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def run(tiny: bool, compile_: bool, out: Path | None = None, markdown: bool = True) -> dict:
     rt = setup_runtime("auto")
     if rt.device.type != "cuda" and not tiny:
@@ -265,8 +255,7 @@ def run(tiny: bool, compile_: bool, out: Path | None = None, markdown: bool = Tr
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     if markdown:
-        write_markdown("gpu" + ("-tiny" if tiny else ""), "## GPU harness\n\n" + table(res),
-                       Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+        write_section("gpu" + ("-tiny" if tiny else ""), "## GPU harness\n\n" + table(res))
     print(table(res))
     return res
 

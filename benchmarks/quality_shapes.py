@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _report import write_section  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,7 +50,6 @@ from t2i.train_local import ArrayData, EvalPrompts, parse_overrides, train_local
 
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "quality_shapes.json"
-MARK_BEGIN, MARK_END = "<!-- quality_shapes -->", "<!-- /quality_shapes -->"
 BAR = {"seen": 0.90, "heldout": 0.70}
 PRESETS = {"flow": "flow-s", "gan": "gan-s"}
 RESOLUTION = 32
@@ -169,7 +169,6 @@ def markdown(res: dict) -> str:
         return f"{100 * x:.1f}%"
 
     lines = [
-        MARK_BEGIN,
         "## Shapes quality bar (`benchmarks/quality_shapes.py`)",
         "",
         f"Each family trained in one process on {res['train_samples']:,} shapes samples at {res['resolution']} px "
@@ -200,20 +199,8 @@ def markdown(res: dict) -> str:
         f"Bar: all-correct >= {pct(BAR['seen'])} seen and >= {pct(BAR['heldout'])} held out for the better "
         f"family. Better family: **{better}**, bar **{'met' if ok else 'NOT met'}**. Contact sheets: "
         + ", ".join(f"`{r['sheet']}`" for _, r in sorted(res["families"].items())) + ".",
-        MARK_END,
     ]
     return "\n".join(lines)
-
-
-def write_markdown(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        pre, rest = text.split(MARK_BEGIN, 1)
-        text = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"better family: {better}; bar {'met' if ok else 'NOT met'}")
     if not args.no_write:
         JSON_PATH.write_text(json.dumps(res, indent=1) + "\n")
-        write_markdown(markdown(res))
+        write_section("quality_shapes", markdown(res))
     return 0 if ok else 1
 
 

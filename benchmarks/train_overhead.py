@@ -33,9 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _report import write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MARK_BEGIN, MARK_END = "<!-- train_overhead -->", "<!-- /train_overhead -->"
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,9 +229,7 @@ def bench_pair(args, preset: str, layout: dict, data: str, manifest: dict, work:
 
 
 def write_markdown(res: dict) -> None:
-    path = ROOT / "BENCHMARKS.md"
     lines = [
-        MARK_BEGIN,
         "## Ray Train overhead (`benchmarks/train_overhead.py`)",
         "",
         f"{res['num']} shapes samples at {res['resolution']} px with {res['encoder']} features, global batch "
@@ -254,16 +252,9 @@ def write_markdown(res: dict) -> None:
     lines += ["", f"Bars: ratio >= 0.9, data-wait < 5%. `ray.init` of a local 2-CPU cluster took "
               f"{res['ray_init_s']:.1f} s before any of this (a `t2i train` without `--address` pays it too). "
               "Launch to first step for t2i train counts from `fit()`: Ray Train's controller and worker "
-              "actors, the process group, model build, the dataset into the object store and the first batch.",
-              MARK_END]
+              "actors, the process group, model build, the dataset into the object store and the first batch."]
     section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        pre, rest = text.split(MARK_BEGIN, 1)
-        text = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section("train_overhead", section)
 
 
 def main() -> int:
