@@ -143,7 +143,9 @@ class Mlp(nn.Module):
         h = self.fc1(x)  # [B, N, hidden]
         if self.dw is not None:
             B, N, C = h.shape
-            g = h.transpose(1, 2).reshape(B, C, self.grid, self.grid)
+            # contiguous: a channels-last input would give the conv weight channels-last grads,
+            # which DDP's contiguous gradient buckets copy with a warning every step
+            g = h.transpose(1, 2).reshape(B, C, self.grid, self.grid).contiguous()  # [B, C, g, g]
             h = h + self.dw(g).flatten(2).transpose(1, 2)
         return self.fc2(F.gelu(h, approximate="tanh"))
 
