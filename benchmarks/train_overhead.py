@@ -236,9 +236,11 @@ def write_markdown(res: dict) -> None:
         f"{res['batch_size']}, {res['steps']} steps ({res['warmup']} warm-up steps left out), {res['device']}. "
         "Both sides run the same `train_step`, DDP wrapping and batch collation; t2i train streams its "
         "shard through Ray Data (`iter_torch_batches`, local shuffle buffer), the bare loop reads an "
-        f"in-memory shard. Best of {res['rounds']} alternating round(s). The CPU was shared with other "
-        f"work while measuring (load average {res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at "
-        "the end on 2 cores), so absolute numbers are low and noisy; the ratio is what the rounds compare.",
+        f"in-memory shard. Best of {res['rounds']} alternating round(s); 1-minute load average "
+        f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end. Single rounds vary by "
+        "about 10% on this machine, so compare ratios, not absolute rates. With 1 worker x 2 threads the "
+        "worker's two compute threads share the only two cores with Ray's own processes and the data "
+        "thread, which a bare process does not; that layout is for machines with cores to spare.",
         "",
         "| model | layout | t2i train samples/s | bare samples/s | ratio | data-wait t2i / bare | "
         "launch to first step t2i / bare |",

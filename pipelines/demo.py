@@ -20,9 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="flow-s",
                    help="preset to train (default: %(default)s, the family that passes the shapes quality bar; "
                         "gan-s also works)")
-    p.add_argument("--num", type=int, default=6000, help="shapes samples to generate (default: %(default)s)")
+    p.add_argument("--num", type=int, default=10000, help="shapes samples to generate (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=32, help="image size in pixels (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1000,
+    p.add_argument("--steps", type=int, default=1400,
                    help="training steps (default: %(default)s, a demo budget; the preset's own is longer)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--per-prompt", type=int, default=8, help="images per evaluation prompt (default: %(default)s)")

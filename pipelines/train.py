@@ -700,11 +700,6 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
     }
     env = {k: os.environ[k] for k in _ENV_PASS if os.environ.get(k)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    if not use_gpu and threads > 1:
-        # A multi-threaded CPU worker shares its cores with Ray's own processes and the data thread;
-        # spinning OpenMP threads stall the whole team whenever one loses its core. Measured on
-        # 2 cores, flow-s with 1 worker x 2 threads: 153 samples/s spinning, 174 passive.
-        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",
              job.model, storage.describe(job.data), storage.describe(job.out), job.workers, cpus,
              f" + {job.gpus_per_worker:g} GPU" if use_gpu else "", threads, train_cfg.steps, train_cfg.batch_size)
