@@ -54,21 +54,26 @@ def flow_flops_per_sample(cfg, text_len: int) -> float:
       MLP             2 r N W^2
       adaLN           6 W^2
     plus patch embedding and the final projection, and where the config enables them: a 3x3
-    depthwise conv in the MLP (9 r N W), U-ViT long skips (2 N W^2 per skip block) and an output
-    conv (9 * 3 * C per pixel). Training = 3x forward (backward = 2x).
+    depthwise conv in the MLP (9 r N W), U-ViT long skips (2 N W^2 per skip block), output convs
+    (3x3, C -> C -> 3 at full resolution) and a conv stem (3x3, 3 -> C -> C). Training = 3x forward
+    (backward = 2x).
     """
     W, r = cfg.width, cfg.mlp_ratio
     N = (cfg.resolution // cfg.patch) ** 2
     M = text_len + 1
-    p3 = cfg.patch * cfg.patch * 3
+    pixels = cfg.resolution ** 2
+    C = getattr(cfg, "conv_channels", 0) or 0
+    stem = bool(getattr(cfg, "conv_stem", False))
     per_block = 4 * N * W * W + 2 * N * N * W + 2 * N * W * W + 2 * M * W * W + 2 * N * M * W + 2 * r * N * W * W + 6 * W * W
     if getattr(cfg, "conv_mlp", False):
         per_block += 9 * r * N * W
-    macs = cfg.depth * per_block + N * p3 * W + M * cfg.text_dim * W
-    final_c = getattr(cfg, "final_conv", 0) or 0
-    macs += N * W * cfg.patch * cfg.patch * (final_c or 3)  # the final linear (unpatchify)
-    if final_c:
-        macs += cfg.resolution ** 2 * 9 * final_c * 3
+    macs = cfg.depth * per_block + M * cfg.text_dim * W
+    macs += N * cfg.patch * cfg.patch * (C if stem else 3) * W  # patch embedding
+    macs += N * W * cfg.patch * cfg.patch * (C or 3)  # the final linear (unpatchify)
+    if C:
+        macs += pixels * 9 * ((2 * C if stem else C) * C + C * 3)
+    if stem:
+        macs += pixels * 9 * (3 * C + C * C)
     if getattr(cfg, "long_skips", False):
         macs += (cfg.depth // 2) * 2 * N * W * W
     return 2.0 * macs

@@ -16,7 +16,8 @@ import gpu  # noqa: E402
 
 @pytest.mark.parametrize("preset,options", [
     ("flow-debug", {}), ("flow-s", {}),
-    ("flow-debug", {"conv_mlp": True, "long_skips": True, "final_conv": 16}),
+    ("flow-debug", {"conv_mlp": True, "long_skips": True, "conv_channels": 16}),
+    ("flow-debug", {"conv_channels": 8, "conv_stem": True, "prediction": "x"}),
 ])
 def test_flow_flop_formula_matches_counter(preset, options):
     from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +26,7 @@ def test_flow_flop_formula_matches_counter(preset, options):
     from t2i.models import build_model, get_preset
 
     cfg = get_preset(preset).model
-    cfg = replace(cfg, **{k: v for k, v in options.items() if hasattr(cfg, k)})
+    cfg = replace(cfg, **options)
     model = build_model(cfg).eval()
     B, L = 2, 12
     x = torch.randn(B, 3, cfg.resolution, cfg.resolution)
