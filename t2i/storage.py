@@ -244,9 +244,12 @@ def iter_files(url: str, suffixes: Iterable[str] = ()) -> list[str]:
     fs, path = filesystem(url)
     proto = split(url)[0]
     try:
-        files = fs.find(path)
+        # detail: SeaweedFS keeps an emptied prefix as a directory entry, which s3fs's find returns
+        # among the files; only real objects are files.
+        found = fs.find(path, detail=True)
     except Exception as e:
         raise _wrap(url, e) from e
+    files = [name for name, info in found.items() if info.get("type") != "directory"]
     suffixes = tuple(suffixes)
     return sorted(
         (f if proto == "file" else f"{proto}://{f}") for f in files if not suffixes or f.endswith(suffixes)

@@ -23,6 +23,18 @@ def test_write_read_list(base):
     assert not storage.exists(storage.url_join(base, "a", "z"))
 
 
+def test_recursive_delete_leaves_no_files(base):
+    """After a recursive delete, iter_files finds nothing (SeaweedFS keeps the emptied prefix as a
+    directory entry, which must not pass for a file)."""
+    d = storage.url_join(base, "ck", "step_000020")
+    for name in ("weights.safetensors", "meta.json"):
+        storage.write_bytes(storage.url_join(d, name), b"x")
+    assert [u.rsplit("/", 1)[1] for u in storage.iter_files(d)] == ["meta.json", "weights.safetensors"]
+    storage.delete(d, recursive=True)
+    assert storage.iter_files(d) == []
+    assert storage.iter_files(storage.url_join(base, "ck")) == []
+
+
 def test_create_only_refuses_second_writer(base):
     url = storage.url_join(base, "versions", "1.json")
     assert storage.create_only(url, b"first") is True
