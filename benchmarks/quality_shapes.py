@@ -46,7 +46,7 @@ from t2i.eval import attribute_accuracy, write_contact_sheet  # noqa: E402
 from t2i.models import get_preset  # noqa: E402
 from t2i.sampling import generate  # noqa: E402
 from t2i.text import TextEncoder  # noqa: E402
-from t2i.train_local import ArrayData, EvalPrompts, parse_overrides, train_local  # noqa: E402
+from t2i.train_local import ArrayData, EvalPrompts, parse_overrides, shapes_data, train_local  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "quality_shapes.json"
@@ -58,17 +58,13 @@ log = logging.getLogger("quality_shapes")
 
 def training_data(num: int, seed: int, encoder: TextEncoder) -> ArrayData:
     """`num` shapes samples (held-out pairs excluded by the generator) with their captions encoded
-    once per distinct caption."""
-    images, captions, attrs = shapes.make_arrays(num, RESOLUTION, seed)
-    held = set(shapes.DEFAULT_HOLDOUT)
-    leaked = [c for c, a in zip(captions, attrs) if (a["shape"], a["color"]) in held]
+    once per distinct caption: `t2i.train_local.shapes_data`, checked for held-out captions."""
+    data, _ = shapes_data(num, RESOLUTION, seed, encoder)
+    held = {shapes.caption(s, c, bg) for s, c in shapes.DEFAULT_HOLDOUT for bg in shapes.COLORS if bg != c}
+    leaked = [c for c in data.captions if c in held]
     if leaked:  # the benchmark is only honest if this holds; check it on the data actually used
         raise SystemExit(f"held-out pair in training data: {leaked[0]!r}")
-    uniq = sorted(set(captions))
-    enc = encoder.encode(uniq)
-    row = {c: i for i, c in enumerate(uniq)}
-    return ArrayData(images, [enc.tokens[row[c]] for c in captions], np.stack([enc.pooled[row[c]] for c in captions]),
-                     [f"shapes-{seed}-{i:07d}" for i in range(num)], captions)
+    return data
 
 
 def eval_rows(encoder: TextEncoder, per_prompt: int) -> dict:

@@ -233,18 +233,19 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     D.train()
     reg = (cfg.r1_gamma > 0 or cfg.r2_gamma > 0) and state.step % cfg.reg_every == 0
     wrong, valid = mismatched_rows(pooled, cfg.match_negatives)  # [B], [B]
-    tokens_w, mask_w, pooled_w = tokens[wrong], mask[wrong], pooled[wrong]
+    text = (tokens, mask, pooled)
+    text_w = tuple(t[wrong] for t in text)  # each row's wrong caption
+    text_2 = tuple(torch.cat([t, t]) for t in text)  # for [reals; fakes]
 
     with state.runtime.autocast():
         fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
         x = torch.cat([real, fake.detach()]).requires_grad_(reg)  # [2B, 3, R, R]: reals, fakes
-        text = [torch.cat([t, t, t_w]) for t, t_w in ((tokens, tokens_w), (mask, mask_w), (pooled, pooled_w))]
         if reg:  # the penalty's double backward covers reals and fakes, not the wrong-caption rows
             with _double_backward_attention(True):
-                logits_rf = D(x, *(t[: 2 * B] for t in text))  # [2B]
-            logits = torch.cat([logits_rf, D(real, tokens_w, mask_w, pooled_w)])  # [3B]
+                logits_rf = D(x, *text_2)  # [2B]
+            logits = torch.cat([logits_rf, D(real, *text_w)])  # [3B]
         else:
-            logits = D(torch.cat([x, real]), *text)  # [3B], one pass
+            logits = D(torch.cat([x, real]), *(torch.cat([t2, tw]) for t2, tw in zip(text_2, text_w)))  # [3B]
         d_real, d_fake, d_wrong = logits.float().split(B)
         loss_adv = rpgan_d_loss(d_real, d_fake)
         loss_match = matching_loss(d_real, d_wrong, valid)
@@ -266,8 +267,8 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
             with torch.no_grad():
                 g_real = D(real, tokens, mask, pooled).float()  # [B], with the updated D
             if cfg.g_match_weight > 0:
-                g_fake, g_wrong = D(torch.cat([fake, fake]), torch.cat([tokens, tokens_w]),
-                                    torch.cat([mask, mask_w]), torch.cat([pooled, pooled_w])).float().split(B)
+                g_fake, g_wrong = D(torch.cat([fake, fake]), *(torch.cat([t, tw]) for t, tw in zip(text, text_w))
+                                    ).float().split(B)  # [B] each
                 loss_g_match = matching_loss(g_fake, g_wrong, valid)
             else:
                 g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), torch.zeros(())  # [B]
