@@ -11,31 +11,46 @@ import torch
 from t2i.runtime import seed_from
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
 def collate_features(tokens: Sequence, pooled, dtype: torch.dtype = torch.float32):
     """Pad each caption's token states to the batch's longest one.
 
     tokens: B arrays/tensors [L_i, D] (real tokens only, as stored); pooled [B, D].
     Returns tokens [B, L_max, D] (zeros past each length), mask bool [B, L_max] (True = real),
     pooled [B, D]. A caption with no tokens gets an all-False mask row (the model's null caption).
+
+    The padding is numpy, not torch, on purpose: this runs in data-loader threads (Ray Data's
+    iterator) next to the training thread, and a torch op there large enough to go parallel
+    starts a second OpenMP team. libgomp then manages more threads than there are cores and
+    stops spin-waiting in every team, so the training thread's workers sleep between ops
+    (1 worker x 2 threads on 2 cores trained at 0.66x a bare loop; see BENCHMARKS.md).
     """
     if len(tokens) == 0:
         raise ValueError("collate_features: empty batch")
-    rows = [torch.as_tensor(np.asarray(t)) if not torch.is_tensor(t) else t for t in tokens]
-    dims = {r.shape[-1] for r in rows if r.dim() == 2}
-    if len(dims) != 1 or any(r.dim() != 2 for r in rows):
+    rows = [_as_numpy(t) for t in tokens]
+    dims = {r.shape[-1] for r in rows if r.ndim == 2}
+    if len(dims) != 1 or any(r.ndim != 2 for r in rows):
         raise ValueError(f"collate_features: token states must be [L, D] with one D, got shapes "
                          f"{sorted({tuple(r.shape) for r in rows})[:3]}")
     D = dims.pop()
+    npd = _NP_DTYPES.get(dtype, np.float32)
     lengths = [r.shape[0] for r in rows]
-    out = torch.zeros(len(rows), max(max(lengths), 1), D, dtype=dtype)
-    mask = torch.zeros(len(rows), out.shape[1], dtype=torch.bool)
+    out = np.zeros((len(rows), max(max(lengths), 1), D), dtype=npd)
+    mask = np.zeros(out.shape[:2], dtype=bool)
     for i, r in enumerate(rows):
-        out[i, : lengths[i]] = r.to(dtype)
+        out[i, : lengths[i]] = r
         mask[i, : lengths[i]] = True
-    pooled_t = torch.as_tensor(np.asarray(pooled)) if not torch.is_tensor(pooled) else pooled
-    if pooled_t.shape != (len(rows), D):
-        raise ValueError(f"collate_features: pooled must be [{len(rows)}, {D}], got {tuple(pooled_t.shape)}")
-    return out, mask, pooled_t.to(dtype)
+    pooled_np = _as_numpy(pooled)
+    if pooled_np.shape != (len(rows), D):
+        raise ValueError(f"collate_features: pooled must be [{len(rows)}, {D}], got {tuple(pooled_np.shape)}")
+    pooled_t = torch.from_numpy(np.array(pooled_np, dtype=npd))
+    return torch.from_numpy(out).to(dtype), torch.from_numpy(mask), pooled_t.to(dtype)
 
 
 def sample_seeds(keys: Sequence[str], base_seed: int = 0) -> torch.Tensor:
