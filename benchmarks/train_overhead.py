@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -258,10 +259,8 @@ def bench_pair(args, preset: str, layout: dict, data: str, manifest: dict, work:
     # The two runs of a round are minutes apart at most, so their ratio cancels the slow drift of
     # this machine's speed; the median of those ratios is robust to one lucky or unlucky run.
     ratios = sorted(r["ray"]["samples_per_s"] / r["bare"]["samples_per_s"] for r in rounds)
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     return {"model": preset, "layout": layout["name"], "rounds": rounds, "best": best,
-            "round_ratios": ratios, "ratio": median}
+            "round_ratios": ratios, "ratio": statistics.median(ratios)}
 
 
 def write_markdown(res: dict) -> None:

@@ -233,19 +233,19 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     D.train()
     reg = (cfg.r1_gamma > 0 or cfg.r2_gamma > 0) and state.step % cfg.reg_every == 0
     wrong, valid = mismatched_rows(pooled, cfg.match_negatives)  # [B], [B]
-    text = (tokens, mask, pooled)
-    text_w = tuple(t[wrong] for t in text)  # each row's wrong caption
-    text_2 = tuple(torch.cat([t, t]) for t in text)  # for [reals; fakes]
+    # One copy of the caption tensors for every D pass, as rows [right; right; wrong]: the passes
+    # take contiguous slices of it ([:2B] reals+fakes, [2B:] wrong captions, [B:] fakes+fakes).
+    text = tuple(torch.cat([t, t, t[wrong]]) for t in (tokens, mask, pooled))  # [3B, ...] each
 
     with state.runtime.autocast():
         fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
         x = torch.cat([real, fake.detach()]).requires_grad_(reg)  # [2B, 3, R, R]: reals, fakes
         if reg:  # the penalty's double backward covers reals and fakes, not the wrong-caption rows
             with _double_backward_attention(True):
-                logits_rf = D(x, *text_2)  # [2B]
-            logits = torch.cat([logits_rf, D(real, *text_w)])  # [3B]
+                logits_rf = D(x, *(t[: 2 * B] for t in text))  # [2B]
+            logits = torch.cat([logits_rf, D(real, *(t[2 * B:] for t in text))])  # [3B]
         else:
-            logits = D(torch.cat([x, real]), *(torch.cat([t2, tw]) for t2, tw in zip(text_2, text_w)))  # [3B]
+            logits = D(torch.cat([x, real]), *text)  # [3B], one pass
         d_real, d_fake, d_wrong = logits.float().split(B)
         loss_adv = rpgan_d_loss(d_real, d_fake)
         loss_match = matching_loss(d_real, d_wrong, valid)
@@ -267,8 +267,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
             with torch.no_grad():
                 g_real = D(real, tokens, mask, pooled).float()  # [B], with the updated D
             if cfg.g_match_weight > 0:
-                g_fake, g_wrong = D(torch.cat([fake, fake]), *(torch.cat([t, tw]) for t, tw in zip(text, text_w))
-                                    ).float().split(B)  # [B] each
+                g_fake, g_wrong = D(torch.cat([fake, fake]), *(t[B:] for t in text)).float().split(B)  # [B] each
                 loss_g_match = matching_loss(g_fake, g_wrong, valid)
             else:
                 g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), torch.zeros(())  # [B]
