@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, free_port_range
 
 BIN = Path(sys.executable).parent
 
@@ -27,14 +27,16 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     temp = Path("/tmp") / f"rayjob-{uuid.uuid4().hex[:6]}"  # short: unix socket paths are capped
-    dash = free_port()
-    wport = free_port() // 2 * 2
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    # `ray start` refuses a component port inside the worker-port range, and the OS hands out
+    # ephemeral ports close together: take the range first, then ports outside it.
+    workers = free_port_range(200)
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env = (free_port(avoid=workers) for _ in range(7))
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}",
-           f"--min-worker-port={wport}", f"--max-worker-port={wport + 200}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={runtime_env}",
+           f"--min-worker-port={workers.start}", f"--max-worker-port={workers.stop - 1}",
            f"--temp-dir={temp}", "--disable-usage-stats"]
     # --block keeps `ray start` in the foreground as the parent of this cluster's processes, so
     # teardown can stop exactly this cluster (`ray stop` would stop every Ray on the machine).
