@@ -32,12 +32,16 @@ REPO = Path(__file__).resolve().parent.parent
 _ISSUED: set[int] = set()  # every port handed out this session, so no two servers are given the same one
 
 
+def _probe() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_port(avoid: range = range(0)) -> int:
     """A port free now, never handed out before in this session and outside `avoid`."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _probe()
         if port not in _ISSUED and port not in avoid:
             _ISSUED.add(port)
             return port
@@ -46,9 +50,9 @@ def free_port(avoid: range = range(0)) -> int:
 def free_port_range(n: int) -> range:
     """n+1 consecutive ports (a worker-port range) holding no port handed out this session."""
     while True:
-        start = free_port() // 2 * 2
+        start = _probe() // 2 * 2
         span = range(start, start + n + 1)
-        if span.stop <= 65536 and not any(p in span for p in _ISSUED - {start}):
+        if span.stop <= 65536 and not any(p in span for p in _ISSUED):
             _ISSUED.update(span)
             return span
 
