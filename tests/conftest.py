@@ -49,12 +49,13 @@ def free_port(avoid: range = range(0)) -> int:
 
 def free_port_range(n: int) -> range:
     """n+1 consecutive ports (a worker-port range) holding no port handed out this session."""
-    while True:
+    for _ in range(10_000):
         start = _probe() // 2 * 2
         span = range(start, start + n + 1)
         if span.stop <= 65536 and not any(p in span for p in _ISSUED):
             _ISSUED.update(span)
             return span
+    raise RuntimeError(f"no {n + 1} consecutive ports clear of the {len(_ISSUED)} handed out this session")
 
 
 class S3Server:
