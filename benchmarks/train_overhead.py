@@ -279,7 +279,15 @@ def write_markdown(res: dict) -> None:
         "run at 0.66 (flow-s) and 0.73 (gan-s): collation in Ray Data's loader thread ran a torch op big "
         "enough to go parallel, which started a second OpenMP team, and libgomp, managing more threads "
         "than cores, stopped spin-waiting, so the training thread's workers slept between ops. Collation "
-        "is numpy now (`t2i/data/batching.py`).",
+        "is numpy now (`t2i/data/batching.py`). Where 2 workers x 1 thread loses the rest, measured per "
+        "thread over 30 s of flow-s: the two training threads are busy 78.6% + 76.9% under Ray against "
+        "86.7% + 86.6% bare, with the same CPU per step (within 5%) and no slow outliers, on a machine "
+        "busy 186% vs 189%. About 12 Ray processes beside the workers (train controller, dataset split "
+        "coordinator, stats and other service actors, idle workers, raylet) each wake every 10 ms and "
+        "take ~12% of a core together; each wake-up pre-empts one rank and the other waits at the "
+        "all-reduce. A TorchTrainer running the bare loop on in-memory batches is ~0.95 of bare, "
+        "streaming from Ray Data ~0.9. On a 2-core machine that is the floor; on a GPU node those "
+        "processes share many idle cores.",
         "",
         "| model | layout | t2i train samples/s | bare samples/s | ratio | per round | data-wait t2i / bare | "
         "launch to first step t2i / bare |",
