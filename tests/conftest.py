@@ -38,11 +38,11 @@ def _probe() -> int:
         return s.getsockname()[1]
 
 
-def free_port(avoid: range = range(0)) -> int:
-    """A port free now, never handed out before in this session and outside `avoid`."""
+def free_port() -> int:
+    """A port free now and never handed out before in this session."""
     while True:
         port = _probe()
-        if port not in _ISSUED and port not in avoid:
+        if port not in _ISSUED:
             _ISSUED.add(port)
             return port
 
@@ -50,7 +50,7 @@ def free_port(avoid: range = range(0)) -> int:
 def free_port_range(n: int) -> range:
     """n+1 consecutive ports (a worker-port range) holding no port handed out this session."""
     for _ in range(10_000):
-        start = _probe() // 2 * 2
+        start = _probe()
         span = range(start, start + n + 1)
         if span.stop <= 65536 and not any(p in span for p in _ISSUED):
             _ISSUED.update(span)
