@@ -247,9 +247,8 @@ def bench_pair(args, preset: str, layout: dict, data: str, manifest: dict, work:
             else:
                 results[side] = run_bare(data, to_dict(model_cfg), to_dict(train_cfg), layout["workers"],
                                          layout["threads"], layout["device"], args.log_every)
-        ray_res, bare_res = results["ray"], results["bare"]
         rnd = {side: {**steady(_windows(res["records"]), args.warmup, args.batch_size),
-                      "startup_s": res["startup_s"]} for side, res in (("ray", ray_res), ("bare", bare_res))}
+                      "startup_s": res["startup_s"]} for side, res in results.items()}
         rnd["load_avg"] = os.getloadavg()[0]
         print(f"  {preset} {layout['name']} round {r}: t2i train {rnd['ray']['samples_per_s']:.1f} samples/s "
               f"(data-wait {rnd['ray']['data_wait']:.1%}), bare {rnd['bare']['samples_per_s']:.1f} samples/s, "
@@ -275,19 +274,8 @@ def write_markdown(res: dict) -> None:
         "the median of the per-round ratios (listed). 1-minute load average "
         f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end. Single rounds vary by "
         "about 10% on this machine, so compare ratios, not absolute rates. Each run starts once the machine "
-        "is idle, and the order of the two sides alternates between rounds. 1 worker x 2 threads used to "
-        "run at 0.66 (flow-s) and 0.73 (gan-s): collation in Ray Data's loader thread ran a torch op big "
-        "enough to go parallel, which started a second OpenMP team, and libgomp, managing more threads "
-        "than cores, stopped spin-waiting, so the training thread's workers slept between ops. Collation "
-        "is numpy now (`t2i/data/batching.py`). Where 2 workers x 1 thread loses the rest, measured per "
-        "thread over 30 s of flow-s: the two training threads are busy 78.6% + 76.9% under Ray against "
-        "86.7% + 86.6% bare, with the same CPU per step (within 5%) and no slow outliers, on a machine "
-        "busy 186% vs 189%. About 12 Ray processes beside the workers (train controller, dataset split "
-        "coordinator, stats and other service actors, idle workers, raylet) each wake every 10 ms and "
-        "take ~12% of a core together; each wake-up pre-empts one rank and the other waits at the "
-        "all-reduce. A TorchTrainer running the bare loop on in-memory batches is ~0.95 of bare, "
-        "streaming from Ray Data ~0.9. On a 2-core machine that is the floor; on a GPU node those "
-        "processes share many idle cores.",
+        "is idle, and the order of the two sides alternates between rounds. The notes after this "
+        "section say where the remaining cost comes from.",
         "",
         "| model | layout | t2i train samples/s | bare samples/s | ratio | per round | data-wait t2i / bare | "
         "launch to first step t2i / bare |",
