@@ -126,7 +126,7 @@ def bench_train(preset: str, batch: int, steps: int, warmup: int, rt, compile_: 
     _sync(rt.device)
     dt = (time.perf_counter() - t0) / steps
     out = {"preset": preset, "resolution": cfg.resolution, "batch": batch, "step_ms": dt * 1e3,
-           "samples_per_s": batch / dt, "loss": metrics["loss"]}
+           "samples_per_s": batch / dt, "loss": float(metrics["loss"])}
     peak = peak_flops(rt.device)
     if cfg.family == "flow":
         flops = 3 * flow_flops_per_sample(cfg, text_len) * batch

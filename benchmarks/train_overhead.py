@@ -196,7 +196,8 @@ def run_ray(data: str, preset: str, out: str, workers: int, cpus: float, threads
     records = [json.loads(x) for x in storage.read_text(os.path.join(out, "metrics.jsonl")).splitlines()]
     first = next(e for e in events if e["event"] == "first_step")
     assert summary["step"] == steps and len(set(summary["param_digests"])) == 1
-    return {"records": records, "startup_s": first["since_launch_s"], "fit_s": wall}
+    return {"records": records, "startup_s": first["since_launch_s"], "startup_parts": first.get("startup_s"),
+            "fit_s": wall}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -248,7 +249,8 @@ def bench_pair(args, preset: str, layout: dict, data: str, manifest: dict, work:
                 results[side] = run_bare(data, to_dict(model_cfg), to_dict(train_cfg), layout["workers"],
                                          layout["threads"], layout["device"], args.log_every)
         rnd = {side: {**steady(_windows(res["records"]), args.warmup, args.batch_size),
-                      "startup_s": res["startup_s"]} for side, res in results.items()}
+                      "startup_s": res["startup_s"], "startup_parts": res.get("startup_parts")}
+               for side, res in results.items()}
         rnd["load_avg"] = os.getloadavg()[0]
         print(f"  {preset} {layout['name']} round {r}: t2i train {rnd['ray']['samples_per_s']:.1f} samples/s "
               f"(data-wait {rnd['ray']['data_wait']:.1%}), bare {rnd['bare']['samples_per_s']:.1f} samples/s, "
@@ -291,6 +293,14 @@ def write_markdown(res: dict) -> None:
               f"{res['ray_init_s']:.1f} s before any of this (a `t2i train` without `--address` pays it too). "
               "Launch to first step for t2i train counts from `fit()`: Ray Train's controller and worker "
               "actors, the process group, model build, the dataset into the object store and the first batch."]
+    parts = [r["ray"]["startup_parts"] for p in res["pairs"] for r in p["rounds"] if r["ray"].get("startup_parts")]
+    if parts:
+        med = {k: statistics.median(x[k] for x in parts) for k in parts[0]}
+        lines += ["", f"Where t2i train's launch to first step goes (median of {len(parts)} runs; the driver's share "
+                  "counts from `fit()`): reading the manifest, connecting to Ray and putting the dataset into the "
+                  f"object store {med['driver']:.1f} s; Ray Train's controller, worker actors and process group "
+                  f"{med['ray_train']:.1f} s; model build and resume {med['model']:.1f} s; the first batch "
+                  f"{med['first_batch']:.1f} s; the first step {med['first_step']:.1f} s."]
     section = "\n".join(lines)
     write_section("train_overhead", section)
 

@@ -495,10 +495,12 @@ def train_func(cfg: dict) -> dict:
     from t2i.distributed import Meter, gather, param_digest, run_steps, wrap_ddp
     from t2i.runtime import seed_from
 
+    entered = time.time()  # Ray Train's controller, worker actors and process group are up
     _quiet_reports()
     w = _Worker(cfg)
     start = w.resume()
     wrap_ddp(w.state)
+    ready = time.time()
     tc, state = w.train_cfg, w.state
     per_worker = tc.batch_size // w.world
     shard = ray.train.get_dataset_shard("train")
@@ -510,8 +512,15 @@ def train_func(cfg: dict) -> dict:
     def after_step(metrics: dict) -> None:
         w.epoch_step += 1
         if first_step[0] and w.rank == 0:
+            # Where the fixed cost of a run goes: the driver (manifest, Ray, the dataset into the
+            # object store) and Ray Train's start-up, the model, the first batch, the first step.
+            now, first_wait = time.time(), meter.wait
             w.files.event({"event": "first_step", "step": state.step,
-                           "since_launch_s": round(time.time() - cfg["launched"], 3)})
+                           "since_launch_s": round(now - cfg["launched"], 3),
+                           "startup_s": {"driver": round(cfg["fit_called"] - cfg["launched"], 3),
+                                         "ray_train": round(entered - cfg["fit_called"], 3),
+                                         "model": round(ready - entered, 3), "first_batch": round(first_wait, 3),
+                                         "first_step": round(now - ready - first_wait, 3)}})
         first_step[0] = False
         if state.step % max(tc.log_every, 1) == 0 or state.step == tc.steps:
             w.log(meter.summary(state, w.world))
@@ -698,6 +707,8 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
         "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
         "launched": launched,
     }
+    datasets = {"train": _dataset(job, manifest, train_cfg)}
+    cfg["fit_called"] = time.time()
     env = {k: os.environ[k] for k in _ENV_PASS if os.environ.get(k)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",
@@ -715,7 +726,7 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets={"train": _dataset(job, manifest, train_cfg)},
+        datasets=datasets,
     )
     progress = Progress(job.out, train_cfg.steps)
     progress.start()

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from t2i.train_step import TrainState, train_step, unwrap
+from t2i.runtime import memory_mb
+from t2i.train_step import TrainState, metric_floats, train_step, unwrap
 
 
 # ----------------------------------------------------------------------------- process group
@@ -99,9 +100,9 @@ def rows_to_batch(rows: Mapping[str, Any], base_seed: int = 0, pin: bool = False
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if all(v.device == device for v in batch.values()):
-        return dict(batch)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`, except the sample seeds: the noise is seeded from them on the host,
+    and reading them back from an accelerator would wait for it every step."""
+    return {k: v if k == "seed" or v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- the step loop
@@ -117,24 +118,31 @@ class Meter:
     start: float = dataclasses.field(default_factory=time.perf_counter)
     sums: dict = dataclasses.field(default_factory=dict)
 
-    def add(self, wait: float, samples: int, metrics: Mapping[str, float]) -> None:
+    def add(self, wait: float, samples: int, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        """Sum one step's metrics; device tensors stay on the device until the summary."""
         self.wait += wait
         self.samples += samples
         self.steps += 1
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
 
     def summary(self, state: TrainState, world_size: int) -> dict:
-        """The window's record: mean metrics, global img/s, data-wait fraction; then reset."""
+        """The window's record: mean metrics, global img/s, data-wait fraction; then reset.
+
+        Reading the metric sums back is the window's one wait for the device, so it comes before
+        the clock is read and the window's img/s counts all of the window's work.
+        """
+        sums = metric_floats(self.sums)
         now = time.perf_counter()
         wall = max(now - self.start, 1e-9)
-        means = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        means = {k: v / max(self.steps, 1) for k, v in sums.items()}
         rec = {
             "step": state.step,
             "samples_seen": state.samples_seen,
             "img_per_s": self.samples * world_size / wall,
             "step_s": wall / max(self.steps, 1),
             "data_wait": self.wait / wall,
+            "mem_mb": memory_mb(state.runtime.device),
             **{k: v for k, v in means.items() if k != "step"},
         }
         self.wait, self.samples, self.steps, self.start, self.sums = 0.0, 0, 0, now, {}
@@ -142,12 +150,13 @@ class Meter:
 
 
 def format_line(rec: Mapping[str, Any], total_steps: int) -> str:
-    """One dense log line: step, losses, img/s, lr, data-wait %."""
+    """One dense log line: step, losses, img/s, lr, data-wait %, peak memory."""
     width = len(str(total_steps))
     losses = " ".join(f"{k}={rec[k]:.4g}" for k in sorted(rec) if k.startswith("loss") and isinstance(rec[k], float))
     lr = f" lr={rec['lr']:.3g}" if "lr" in rec else ""
     return (f"step {rec['step']:>{width}}/{total_steps} {losses}{lr} "
-            f"{rec['img_per_s']:.1f} img/s {rec['step_s'] * 1000:.0f} ms/step data-wait {rec['data_wait']:.1%}")
+            f"{rec['img_per_s']:.1f} img/s {rec['step_s'] * 1000:.0f} ms/step data-wait {rec['data_wait']:.1%}"
+            + (f" mem {rec['mem_mb']:.0f}MB" if "mem_mb" in rec else ""))
 
 
 def run_steps(state: TrainState, batches: Iterable[Mapping[str, torch.Tensor]], stop_step: int,

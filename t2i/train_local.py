@@ -25,10 +25,11 @@ import torch
 from t2i import storage
 from t2i.config import TrainConfig, replace, to_dict
 from t2i.data.batching import collate_features, sample_seeds
+from t2i.distributed import to_device
 from t2i.errors import ConfigError, T2IError
 from t2i.runtime import memory_mb, seed_from, setup_runtime
 from t2i.sampling import generate
-from t2i.train_step import TrainState, make_state, train_step
+from t2i.train_step import TrainState, make_state, metric_floats, train_step
 
 log = logging.getLogger("t2i.train_local")
 
@@ -66,7 +67,7 @@ class ArrayData:
             "tokens": tokens, "mask": mask, "pooled": pooled,
             "seed": sample_seeds([self.keys[i] for i in idx], seed),
         }
-        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        return to_device(out, device)
 
 
 @dataclasses.dataclass
@@ -153,12 +154,12 @@ def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: st
         batch = data.batch(next(batches), train_cfg.seed, rt.device)
         metrics = train_step(state, batch)
         for k, v in metrics.items():
-            window[k] = window.get(k, 0.0) + v
+            window[k] = window[k] + v if k in window else v
         win_n += 1
         win_imgs += len(batch["seed"])
         if state.step % train_cfg.log_every == 0 or state.step == train_cfg.steps:
+            last = {k: v / win_n for k, v in metric_floats(window).items()}  # waits for the device
             dt = time.perf_counter() - win_t
-            last = {k: v / win_n for k, v in window.items()}
             rec = {"step": state.step, **last, "img_per_s": win_imgs / dt, "mem_mb": memory_mb(rt.device),
                    "elapsed_s": time.perf_counter() - t0}
             lines.append(json.dumps(rec))

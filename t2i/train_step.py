@@ -5,9 +5,14 @@ Batch contract (tensors already on the runtime's device):
   tokens float [B, L, D]         text token states, zero-padded to the batch's longest caption
   mask   bool  [B, L]            True where a token is real
   pooled float [B, D]            pooled text vector
-  seed   int64 [B]               per-sample seeds derived from sample keys (never from ranks)
+  seed   int64 [B]               per-sample seeds derived from sample keys (never from ranks);
+                                 may stay on the host, where the noise seeding reads them
 
-`train_step(state, batch)` updates `state` in place and returns a dict of float metrics.
+`train_step(state, batch)` updates `state` in place and returns its metrics: 0-dim float tensors
+on the runtime's device (losses, norms) and Python floats (learning rates). Reading a device
+tensor back waits for the accelerator, so callers sum them and read them once per logging window
+(`metric_floats`); the step itself reads nothing back from the device (a `gpu` test holds it to
+that with CUDA's sync debugger).
 Modules in `state.modules` may be wrapped in DistributedDataParallel by the caller; EMA copies
 are always the bare modules.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,7 +88,7 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 def clip_grads(module: nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm and max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-    return torch.zeros(())
+    return torch.zeros((), device=next(module.parameters()).device)
 
 
 def make_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:
@@ -94,7 +100,7 @@ def make_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> Trai
     raise ValueError(f"unknown family {model_cfg.family!r}")
 
 
-def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
     if state.family == "gan":
         return gan_train_step(state, batch)
     return flow_train_step(state, batch)
@@ -114,9 +120,13 @@ def _new_ema(module: nn.Module) -> nn.Module:
     return ema
 
 
-def _finite(x: torch.Tensor) -> float:
-    v = float(x)
-    return v if math.isfinite(v) else float("nan")
+def metric_floats(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Metrics as Python floats, read from the device in one copy; non-finite values become NaN."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    if keys:
+        out.update(zip(keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return {k: v if math.isfinite(v) else float("nan") for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- GAN
@@ -211,7 +221,7 @@ def _double_backward_attention(enabled: bool):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
     """One D step (relativistic + matching-aware + lazy R1/R2), then one G step, then EMA.
 
     The fakes of the D step are reused for the G step (G has not moved in between), which saves
@@ -250,7 +260,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
         loss_adv = rpgan_d_loss(d_real, d_fake)
         loss_match = matching_loss(d_real, d_wrong, valid)
         loss_d = loss_adv + cfg.match_weight * loss_match
-        r1 = r2 = torch.zeros(())
+        r1 = r2 = real.new_zeros(())
         if reg:
             sq = grad_sq_norm(logits_rf, x)  # [2B]
             r1, r2 = sq[:B].mean(), sq[B:].mean()
@@ -270,7 +280,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
                 g_fake, g_wrong = D(torch.cat([fake, fake]), *(t[B:] for t in text)).float().split(B)  # [B] each
                 loss_g_match = matching_loss(g_fake, g_wrong, valid)
             else:
-                g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), torch.zeros(())  # [B]
+                g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), real.new_zeros(())  # [B]
             loss_g_adv = rpgan_g_loss(g_real, g_fake)
             loss_g = loss_g_adv + cfg.g_match_weight * loss_g_match
         opt_g.zero_grad(set_to_none=True)
@@ -283,15 +293,12 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
     ema_update(state.ema, G, ema_decay_at(state.step, tc))
     state.step += 1
     state.samples_seen += B * state.runtime.world_size
-    loss_g_f = _finite(loss_g.detach())
-    return {
-        "loss": loss_g_f, "loss_g": loss_g_f, "loss_d": _finite(loss_d.detach()),
-        "loss_adv": _finite(loss_adv.detach()), "loss_match": _finite(loss_match.detach()),
-        "loss_g_adv": _finite(loss_g_adv.detach()), "loss_g_match": _finite(loss_g_match.detach()),
-        "r1": _finite(r1.detach()), "r2": _finite(r2.detach()), "reg": float(reg),
-        "d_gap": _finite((d_real - d_fake).mean().detach()),
-        "grad_norm_d": _finite(gn_d), "grad_norm_g": _finite(gn_g), "lr": lr_g, "lr_d": lr_d,
+    metrics = {
+        "loss": loss_g, "loss_g": loss_g, "loss_d": loss_d, "loss_adv": loss_adv, "loss_match": loss_match,
+        "loss_g_adv": loss_g_adv, "loss_g_match": loss_g_match, "r1": r1, "r2": r2,
+        "d_gap": (d_real - d_fake).mean(), "grad_norm_d": gn_d, "grad_norm_g": gn_g,
     }
+    return {**{k: v.detach().float() for k, v in metrics.items()}, "reg": float(reg), "lr": lr_g, "lr_d": lr_d}
 
 
 # ----------------------------------------------------------------------------- flow
@@ -333,7 +340,7 @@ def flow_noise(seeds: torch.Tensor, step: int, shape: tuple[int, ...], device: t
     return torch.randn((B, *shape), generator=g, device=device), n, u
 
 
-def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
     """One rectified-flow step: caption dropout, logit-normal t, CFM loss, clip, AdamW, EMA."""
     from t2i.losses import flow_matching_loss, logit_normal_t
 
@@ -356,4 +363,4 @@ def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[s
     ema_update(state.ema, model, ema_decay_at(state.step, tc))
     state.step += 1
     state.samples_seen += x0.shape[0] * state.runtime.world_size
-    return {"loss": _finite(loss.detach()), "grad_norm": _finite(grad_norm), "lr": lr}
+    return {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float(), "lr": lr}

@@ -189,7 +189,7 @@ def test_progress_lines_follow_the_run_files(tmp_path, caplog):
     files.event({"event": "start", "attempt": 1, "world": 2, "step": 0, "resumed_from": None})
     for step in (5, 10):
         files.metric({"step": step, "loss": 1.0 / step, "img_per_s": 100.0, "step_s": 0.1, "data_wait": 0.01,
-                      "lr": 1e-3})
+                      "lr": 1e-3, "mem_mb": 812.4})
     files.event({"event": "checkpoint", "step": 10, "url": "ck10", "save_s": 0.2})
     with caplog.at_level("INFO", logger="t2i.train"):
         progress.poll()
@@ -201,7 +201,7 @@ def test_progress_lines_follow_the_run_files(tmp_path, caplog):
         progress.poll()
     msgs = [r.getMessage() for r in caplog.records if r.name == "t2i.train"]
     assert msgs[0] == "attempt 1: 2 workers, fresh start"
-    assert msgs[1].startswith("step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0%")
+    assert msgs[1] == "step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0% mem 812MB"
     assert msgs[2].startswith("step 10/20") and msgs[3].startswith("checkpoint at step 10: ck10")
     assert msgs[4] == "attempt 2: 2 workers, resumed from ck5 at step 5"
     assert msgs[5].startswith("step 10/20 loss=0.5") and len(msgs) == 6
@@ -341,6 +341,12 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     assert all(storage.iter_files(u) == [] for u in leftovers), leftovers
     steps = [r["step"] for r in _lines(metrics_url)]
     assert steps == sorted(steps) and steps[-1] == 60 and len(steps) == len(set(steps))
+    assert all(r["mem_mb"] > 0 for r in _lines(metrics_url))
+    # Each attempt says where its start-up went; the parts add up to launch-to-first-step.
+    for first in [e for e in events if e["event"] == "first_step"]:
+        parts = first["startup_s"]
+        assert set(parts) == {"driver", "ray_train", "model", "first_batch", "first_step"}
+        assert min(parts.values()) >= 0 and sum(parts.values()) == pytest.approx(first["since_launch_s"], abs=0.01)
     from PIL import Image
 
     grid = Image.open(io.BytesIO(storage.read_bytes(storage.url_join(run, "samples", "step_000060.png"))))
