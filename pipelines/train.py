@@ -308,12 +308,21 @@ def _collate_fn(resolution: int, dim: int, seed: int, pin: bool):
 
 
 class RunFiles:
-    """metrics.jsonl and events.jsonl of a run, written whole each time (object stores cannot append)."""
+    """metrics.jsonl and events.jsonl of a run, written whole each time (object stores cannot append).
+
+    A long run's metrics.jsonl grows to megabytes, and rewriting it on rank 0's training thread
+    would hold every rank at the next all-reduce. A background thread writes it instead, newest
+    version only; `flush()` waits for it and raises what the writes raised.
+    """
 
     def __init__(self, run_url: str):
         self.metrics_url = storage.url_join(run_url, "metrics.jsonl")
         self.events_url = storage.url_join(run_url, "events.jsonl")
         self.metrics: list[str] = []
+        self._cond = threading.Condition()
+        self._version = self._written = 0
+        self._error: BaseException | None = None
+        self._writer: threading.Thread | None = None
 
     @staticmethod
     def _lines(url: str) -> list[str]:
@@ -321,11 +330,44 @@ class RunFiles:
 
     def start(self, step: int) -> None:
         """Keep the metrics of steps up to `step`: later ones belonged to a lost attempt and are redone."""
+        self.flush()
         self.metrics = [ln for ln in self._lines(self.metrics_url) if json.loads(ln).get("step", 0) <= step]
 
     def metric(self, rec: dict) -> None:
-        self.metrics.append(json.dumps(rec, sort_keys=True))
-        storage.write_text(self.metrics_url, "\n".join(self.metrics) + "\n")
+        with self._cond:
+            self._raise()
+            self.metrics.append(json.dumps(rec, sort_keys=True))
+            self._version += 1
+            self._cond.notify_all()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="t2i-metrics-writer", daemon=True)
+            self._writer.start()
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._written < self._version:
+                self._cond.wait()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._written == self._version:
+                    self._cond.wait()
+                version, text = self._version, "\n".join(self.metrics) + "\n"
+            try:
+                storage.write_text(self.metrics_url, text)
+            except Exception as e:  # handed to the training thread at its next metric() or flush()
+                with self._cond:
+                    self._error = e
+            with self._cond:
+                self._written = version
+                self._cond.notify_all()
 
     def events(self) -> list[dict]:
         return [json.loads(ln) for ln in self._lines(self.events_url)]
@@ -456,6 +498,7 @@ class _Worker:
         url = checkpoint_url(self.cfg["run_url"], step)
         metrics = {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
         if self.rank == 0:
+            self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
             save_checkpoint(url, self.state, encoder_spec=self.cfg["encoder"], meta_extra={
                 "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step},
@@ -546,6 +589,7 @@ def train_func(cfg: dict) -> dict:
     out = {"step": state.step, "samples_seen": state.samples_seen, "checkpoint": final, "param_digests": digests,
            "resumed_from": start["resumed_from"], "attempt": start.get("attempt"), "metrics": w.last_metrics}
     if w.rank == 0:
+        w.files.flush()
         w.files.event({"event": "end", "step": state.step, "launch": cfg["launch"],
                        "checkpoint": storage.describe(final), "param_digests": digests,
                        "ranks_in_sync": len(set(digests)) == 1})

@@ -142,13 +142,35 @@ def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
     files.start(0)
     for step in (5, 10, 15):
         files.metric({"step": step})
+    files.flush()
     files.event({"event": "start"})
     again = RunFiles(str(tmp_path))
     again.start(10)  # resumed from step 10: step 15 belonged to the lost attempt
     again.metric({"step": 15, "again": True})
+    again.flush()
     assert [r["step"] for r in _lines(again.metrics_url)] == [5, 10, 15]
     assert _lines(again.metrics_url)[-1]["again"] is True
     assert [e["event"] for e in again.events()] == ["start"]
+
+
+def test_run_files_write_metrics_off_the_training_thread(tmp_path):
+    from pipelines.train import RunFiles
+
+    files = RunFiles(str(tmp_path / "run"))
+    files.start(0)
+    for step in range(1, 301):
+        files.metric({"step": step, "loss": 1.0 / step})
+    files.flush()
+    assert [r["step"] for r in _lines(files.metrics_url)] == list(range(1, 301))
+    assert files._writer is not None and files._writer.name == "t2i-metrics-writer"
+
+    # A write that fails reaches the training thread at its next flush, naming the file.
+    broken = RunFiles(str(tmp_path / "broken"))
+    os.makedirs(broken.metrics_url)  # a directory where the file should go
+    broken.metric({"step": 1})
+    with pytest.raises(Exception, match="metrics.jsonl"):
+        broken.flush()
+    broken.flush()  # raised once, not forever
 
 
 def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
@@ -191,12 +213,14 @@ def test_progress_lines_follow_the_run_files(tmp_path, caplog):
         files.metric({"step": step, "loss": 1.0 / step, "img_per_s": 100.0, "step_s": 0.1, "data_wait": 0.01,
                       "lr": 1e-3, "mem_mb": 812.4})
     files.event({"event": "checkpoint", "step": 10, "url": "ck10", "save_s": 0.2})
+    files.flush()
     with caplog.at_level("INFO", logger="t2i.train"):
         progress.poll()
         # A restart from step 5: the redone steps are shown again, after the attempt line.
         files.start(5)
         files.event({"event": "start", "attempt": 2, "world": 2, "step": 5, "resumed_from": "ck5"})
         files.metric({"step": 10, "loss": 0.5, "img_per_s": 90.0, "step_s": 0.1, "data_wait": 0.0, "lr": 1e-3})
+        files.flush()
         progress.poll()
         progress.poll()
     msgs = [r.getMessage() for r in caplog.records if r.name == "t2i.train"]
