@@ -136,7 +136,7 @@ def test_rows_to_batch_pads_masks_and_seeds_by_key(tmp_path, tiny_encoders):
 
 
 def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
-    from pipelines.train import RunFiles
+    from t2i.runlog import RunFiles
 
     files = RunFiles(str(tmp_path))
     files.start(0)
@@ -154,7 +154,7 @@ def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
 
 
 def test_run_files_write_metrics_off_the_training_thread(tmp_path):
-    from pipelines.train import RunFiles
+    from t2i.runlog import RunFiles
 
     files = RunFiles(str(tmp_path / "run"))
     files.start(0)
@@ -203,7 +203,7 @@ def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
 
 
 def test_progress_lines_follow_the_run_files(tmp_path, caplog):
-    from pipelines.train import Progress, RunFiles
+    from t2i.runlog import Progress, RunFiles
 
     files = RunFiles(str(tmp_path))
     progress = Progress(str(tmp_path), total_steps=20)
