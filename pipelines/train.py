@@ -621,16 +621,15 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
     cpus, threads = _resources(job, model_cfg)
     use_gpu = job.gpus_per_worker > 0
     per_worker = {"CPU": cpus, **({"GPU": job.gpus_per_worker} if use_gpu else {})}
+    datasets = {"train": _dataset(job, manifest, train_cfg)}
     cfg = {
         "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
         "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
         "resolution": int(manifest["image"]["resolution"]), "dim": int(manifest["encoder"]["dim"]),
         "threads": threads, "precision": job.precision, "shuffle_buffer": job.shuffle_buffer,
         "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
-        "launched": launched,
+        "launched": launched, "fit_called": time.time(),
     }
-    datasets = {"train": _dataset(job, manifest, train_cfg)}
-    cfg["fit_called"] = time.time()
     env = {k: os.environ[k] for k in _ENV_PASS if os.environ.get(k)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",

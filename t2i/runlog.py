@@ -73,12 +73,13 @@ class RunFiles:
                 while self._written == self._version:
                     self._cond.wait()
                 version, text = self._version, "\n".join(self.metrics) + "\n"
+            error = None
             try:
                 storage.write_text(self.metrics_url, text)
             except Exception as e:  # handed to the training thread at its next metric() or flush()
-                with self._cond:
-                    self._error = e
+                error = e
             with self._cond:
+                self._error = error or self._error
                 self._written = version
                 self._cond.notify_all()
 

@@ -17,18 +17,7 @@ from t2i.distributed import Meter, to_device
 from t2i.models import get_preset
 from t2i.runtime import setup_runtime
 from t2i.train_step import make_state, metric_floats, train_step
-
-
-def _batch(cfg, n: int, L: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(n, L, dtype=torch.bool)
-    mask[0, L // 2:] = False  # one short caption, so padding is exercised
-    return {
-        "image": torch.randint(0, 256, (n, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8, generator=g),
-        "tokens": torch.randn(n, L, cfg.text_dim, generator=g) * mask[..., None],
-        "mask": mask, "pooled": torch.randn(n, cfg.text_dim, generator=g),
-        "seed": torch.arange(n, dtype=torch.int64) + 1000 * seed,
-    }
+from test_gan import toy_batch  # tests/ is on sys.path under pytest
 
 
 @pytest.mark.parametrize("preset", ["flow-debug", "gan-debug"])
@@ -38,7 +27,7 @@ def test_step_returns_device_tensors_and_the_meter_reads_them_once(preset):
     meter = Meter()
     steps = []
     for i in range(3):
-        m = train_step(state, _batch(p.model, 4, seed=i))
+        m = train_step(state, toy_batch(4, p.model.resolution, p.model.text_dim, seed=i))
         losses = {k: v for k, v in m.items() if k.startswith("loss")}
         assert losses and all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
                               for v in losses.values())
@@ -71,7 +60,7 @@ def test_step_never_waits_for_the_gpu(preset):
     p = get_preset(preset)
     rt = setup_runtime("cuda")
     state = make_state(p.model, p.train, rt)
-    batches = [to_device(_batch(p.model, 8, seed=i), rt.device) for i in range(6)]
+    batches = [to_device(toy_batch(8, p.model.resolution, p.model.text_dim, seed=i), rt.device) for i in range(6)]
     train_step(state, batches[0])  # first-step allocations and lazy inits may sync; not the loop's
     torch.cuda.synchronize()
     meter = Meter()
