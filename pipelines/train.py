@@ -384,7 +384,10 @@ class _Worker:
             pos = ck.meta.get("data_position") or {}
             self.epoch = int(pos.get("epoch", 0)) + (1 if pos.get("epoch_step") else 0)
             self.last_ckpt = self.state.step
+            # What the checkpoint says it saved and what loading it gave: a resume is checkable
+            # even when the worker died before the checkpoint's event was written.
             start.update(resumed_from=storage.describe(url), step=self.state.step,
+                         saved=ck.meta.get("state_digests") if self.rank == 0 else None,
                          restored=state_digests(self.state) if self.rank == 0 else None)
         if self.rank == 0:
             _clean_unfinished(self.cfg["run_url"], self.state.step)
@@ -430,8 +433,9 @@ class _Worker:
         if self.rank == 0:
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
+            digests = state_digests(self.state)  # weights, EMA, optimizers: a resume is checked against them
             save_checkpoint(url, self.state, encoder_spec=self.cfg["encoder"], meta_extra={
-                "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step},
+                "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step}, "state_digests": digests,
                 "metrics": metrics, "run_url": storage.describe(self.cfg["run_url"]),
                 "dataset_url": storage.describe(self.cfg["data_url"]), "dataset_digest": self.cfg["dataset_digest"],
             })
@@ -439,10 +443,9 @@ class _Worker:
             images = sample_images(self.state.ema, self.model_cfg, self.cfg["eval"], seed=self.train_cfg.seed)
             write_contact_sheet(storage.url_join(self.cfg["run_url"], "samples", f"step_{step:06d}.png"), images,
                                 ncol=1, scale=2, row_labels=self.cfg["eval"]["captions"])
-            # What was saved, so that a resume can be checked against it (weights, EMA, optimizers).
             self.files.event({"event": "checkpoint", "step": step, "url": storage.describe(url),
                               "save_s": round(saved, 3), "total_s": round(time.perf_counter() - t0, 3),
-                              "state": state_digests(self.state)})
+                              "state": digests})
         self._report({"step": step, **metrics}, step)
         self.last_ckpt = step
         return url
