@@ -504,6 +504,8 @@ def train_func(cfg: dict) -> dict:
             w.checkpoint()
 
     while state.step < tc.steps:
+        if hasattr(shard, "set_epoch"):  # held blocks are dealt by epoch: a resume keeps the order
+            shard.set_epoch(w.epoch)
         batches = shard.iter_torch_batches(
             batch_size=per_worker, drop_last=True, collate_fn=collate, prefetch_batches=cfg["prefetch_batches"],
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or 8 * per_worker,
@@ -561,14 +563,15 @@ def _resources(job: JobConfig, model_cfg: Any) -> tuple[float, int]:
     return cpus, threads
 
 
-def _dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig):
-    """The embedded dataset as a Ray Dataset: in the object store when it fits easily, else streamed.
+def _dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> tuple[Any, bool]:
+    """(the embedded dataset as a Ray Dataset, whether it is held in the object store).
 
     Every epoch of a streamed dataset starts its read tasks again (seconds of stall per epoch on a
     busy machine); a dataset held in the object store is read once (here, with each part's sha256
-    checked) and each epoch only walks its blocks. Either way the order of blocks (or files) is
-    reshuffled every epoch, so a worker's shard is not the same rows each epoch; the local shuffle
-    buffer of each worker mixes within it.
+    checked) and each epoch only walks its blocks. Either way a worker's shard is not the same rows
+    each epoch: held blocks are dealt out afresh per epoch by `EpochShards` (pipelines/rank_blocks.py,
+    no coordinator actor), streamed files are reshuffled per epoch before Ray's `streaming_split`;
+    the local shuffle buffer of each worker mixes within its shard.
     """
     import ray
     import ray.data
@@ -586,12 +589,11 @@ def _dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig):
         block = max(16, train_cfg.batch_size // job.workers)
         tables = [read_part(job.data, p, columns=list(_COLUMNS)) for p in manifest["parts"]]
         blocks = [t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]
-        order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-        return ray.data.from_arrow(blocks).randomize_block_order(seed=order)
+        return ray.data.from_arrow(blocks), True
     fs, _ = _arrow_fs(job.data)
     paths = [storage.split(u)[1] for u in part_urls(job.data, manifest)]
     return ray.data.read_parquet(paths, filesystem=fs, columns=list(_COLUMNS),
-                                 shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
+                                 shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)), False
 
 
 def _failure_message(e: Exception) -> str:
@@ -611,6 +613,7 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.rank_blocks import EpochShards
     from t2i.checkpoint import prune
     from t2i.data.embedded import read_manifest
 
@@ -624,7 +627,7 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
     cpus, threads = _resources(job, model_cfg)
     use_gpu = job.gpus_per_worker > 0
     per_worker = {"CPU": cpus, **({"GPU": job.gpus_per_worker} if use_gpu else {})}
-    datasets = {"train": _dataset(job, manifest, train_cfg)}
+    dataset, held = _dataset(job, manifest, train_cfg)
     cfg = {
         "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
         "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
@@ -650,7 +653,8 @@ def fit(job: JobConfig, launched: float | None = None) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets=datasets,
+        datasets={"train": dataset},
+        dataset_config=EpochShards(train_cfg.seed) if held else ray.train.DataConfig(),
     )
     progress = Progress(job.out, train_cfg.steps)
     progress.start()

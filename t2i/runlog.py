@@ -96,7 +96,8 @@ class Progress(threading.Thread):
 
     Rank 0 writes those files anyway; reading them here gives one clean line per logging window
     (and per start, restart and checkpoint) wherever the workers run, with or without Ray
-    forwarding worker output to the driver.
+    forwarding worker output to the driver. A file is read again only when its stamp (one HEAD on
+    an object store) has changed, so a long run's growing metrics.jsonl is not fetched every poll.
     """
 
     def __init__(self, run_url: str, total_steps: int, every: float = 2.0):
@@ -105,6 +106,8 @@ class Progress(threading.Thread):
         self.stop_event = threading.Event()
         self.seen_events = len(self._safe(self.files.events))
         self.last_step = -1
+        self.stamps: dict[str, tuple | None] = {}
+        self.cache: dict[str, list] = {}
 
     @staticmethod
     def _safe(fn):
@@ -113,11 +116,23 @@ class Progress(threading.Thread):
         except (T2IError, ValueError):  # a file mid-replacement on a store without atomic renames
             return []
 
+    def _read(self, url: str) -> list[dict]:
+        """The file's records, fetched only if it changed since the last read."""
+        try:
+            st = storage.stamp(url)
+        except T2IError:
+            return self.cache.get(url, [])
+        if url not in self.cache or st != self.stamps.get(url):
+            records = self._safe(lambda: [json.loads(ln) for ln in RunFiles._lines(url)])
+            if records or st is None:  # an empty read of an existing file: mid-replacement, try again
+                self.stamps[url], self.cache[url] = st, records
+        return self.cache.get(url, [])
+
     def poll(self) -> None:
         from t2i.distributed import format_line
 
-        events = self._safe(self.files.events)
-        metrics = [json.loads(ln) for ln in self._safe(lambda: RunFiles._lines(self.files.metrics_url))]
+        events = self._read(self.files.events_url)
+        metrics = self._read(self.files.metrics_url)
         items = [(int(e.get("step", 0)), 1, e) for e in events[self.seen_events:]]
         items += [(int(r.get("step", 0)), 0, r) for r in metrics]
         self.seen_events = max(self.seen_events, len(events))

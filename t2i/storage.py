@@ -94,6 +94,21 @@ def exists(url: str) -> bool:
         raise _wrap(url, e) from e
 
 
+def stamp(url: str) -> tuple | None:
+    """What changes whenever the file does (size plus ETag, or mtime and inode); None if absent.
+
+    One HEAD on an object store, so a poller can skip re-reading a file that has not changed.
+    """
+    fs, path = filesystem(url)
+    try:
+        info = fs.info(path, refresh=True) if not is_local(url) else fs.info(path)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise _wrap(url, e) from e
+    return (info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime"), info.get("ino"))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:

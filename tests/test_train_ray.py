@@ -202,8 +202,16 @@ def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
     assert all(np.array_equal(a, b) for a, b in zip(got["tokens"], want.tokens, strict=True))
 
 
-def test_progress_lines_follow_the_run_files(tmp_path, caplog):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_progress_lines_follow_the_run_files(where, tmp_path, caplog, monkeypatch, request):
+    from t2i import storage
     from t2i.runlog import Progress, RunFiles
+
+    if where == "s3":
+        tmp_path = request.getfixturevalue("s3")
+    reads = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda url: reads.append(url) or real_read(url))
 
     files = RunFiles(str(tmp_path))
     progress = Progress(str(tmp_path), total_steps=20)
@@ -222,13 +230,19 @@ def test_progress_lines_follow_the_run_files(tmp_path, caplog):
         files.metric({"step": 10, "loss": 0.5, "img_per_s": 90.0, "step_s": 0.1, "data_wait": 0.0, "lr": 1e-3})
         files.flush()
         progress.poll()
+        before = len(reads)
         progress.poll()
+        assert len(reads) == before  # nothing changed: stamps only, no file fetched again
+        files.metric({"step": 15, "loss": 0.4, "img_per_s": 90.0, "step_s": 0.1, "data_wait": 0.0, "lr": 1e-3})
+        files.flush()
+        progress.poll()
+        assert [u.rsplit("/", 1)[-1] for u in reads[before:]] == ["metrics.jsonl"]
     msgs = [r.getMessage() for r in caplog.records if r.name == "t2i.train"]
     assert msgs[0] == "attempt 1: 2 workers, fresh start"
     assert msgs[1] == "step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0% mem 812MB"
     assert msgs[2].startswith("step 10/20") and msgs[3].startswith("checkpoint at step 10: ck10")
     assert msgs[4] == "attempt 2: 2 workers, resumed from ck5 at step 5"
-    assert msgs[5].startswith("step 10/20 loss=0.5") and len(msgs) == 6
+    assert msgs[5].startswith("step 10/20 loss=0.5") and msgs[6].startswith("step 15/20") and len(msgs) == 7
 
 
 def test_state_digests_follow_a_checkpoint_round_trip(tmp_path):

@@ -1,0 +1,68 @@
+"""Per-rank shards of an in-object-store dataset (pipelines/rank_blocks.py): the cut, and the real iterators."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.rank_blocks import rank_ranges
+
+
+def _rows(pieces, starts):
+    return [starts[b] + i for b, lo, hi in pieces for i in range(lo, hi)]
+
+
+@pytest.mark.parametrize("sizes,world", [([32] * 10, 2), ([32] * 9 + [7], 2), ([16] * 5 + [3, 30], 3), ([5], 4)])
+def test_rank_ranges_are_disjoint_equal_and_recut_every_epoch(sizes, world):
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    total = sum(sizes)
+    cuts = {}
+    for epoch in range(4):
+        ranks = [_rows(p, starts) for p in rank_ranges(sizes, seed=7, epoch=epoch, world=world)]
+        assert len(ranks) == world
+        assert {len(r) for r in ranks} == {total // world}  # equal, so no rank runs out of batches first
+        seen = list(itertools.chain(*ranks))
+        assert len(seen) == len(set(seen)) and total - len(seen) < world  # disjoint; at most world-1 sit out
+        for p in rank_ranges(sizes, seed=7, epoch=epoch, world=world):
+            assert all(0 <= lo < hi <= sizes[b] for b, lo, hi in p)
+        cuts[epoch] = ranks
+    assert rank_ranges(sizes, seed=7, epoch=2, world=world) == rank_ranges(sizes, seed=7, epoch=2, world=world)
+    if len(sizes) > 2:
+        assert cuts[0] != cuts[1] != cuts[2]  # a rank's shard changes from epoch to epoch
+        assert rank_ranges(sizes, seed=8, epoch=0, world=world) != rank_ranges(sizes, seed=7, epoch=0, world=world)
+
+
+def test_rank_blocks_iterate_in_ray_workers(ray_cluster):
+    """Through Ray Train's DataConfig hook and pickled into tasks, as Train workers receive them."""
+    import ray
+    import ray.data
+
+    from pipelines.rank_blocks import EpochShards
+
+    n, block, world = 250, 16, 2
+    ids = np.arange(n, dtype=np.int64)
+    blocks = [pa.table({"id": ids[i:i + block], "x": ids[i:i + block] * 10}) for i in range(0, n, block)]
+    other = ray.data.range(10)
+    shards = EpochShards(seed=3).configure({"train": ray.data.from_arrow(blocks), "val": other}, world_size=world)
+    assert len(shards) == world and all(set(s) == {"train", "val"} for s in shards)
+
+    @ray.remote(num_cpus=0.25)
+    def consume(it, epoch):
+        it.set_epoch(epoch)
+        out = []
+        for b in it.iter_torch_batches(batch_size=8, drop_last=False, local_shuffle_buffer_size=32,
+                                       local_shuffle_seed=epoch):
+            assert (b["x"] == b["id"] * 10).all()  # rows stay whole through slicing and shuffling
+            out += b["id"].tolist()
+        return out
+
+    got = {(r, e): ray.get(consume.remote(shards[r]["train"], e)) for r in range(world) for e in (0, 1)}
+    for e in (0, 1):
+        a, b = got[(0, e)], got[(1, e)]
+        assert len(a) == len(b) == n // world and not set(a) & set(b)
+    assert set(got[(0, 0)]) != set(got[(0, 1)])
+    assert ray.get(consume.remote(shards[1]["train"], 1)) == got[(1, 1)]  # an epoch replays exactly
+    assert type(shards[0]["val"]).__name__ == "StreamSplitDataIterator"  # other datasets keep Ray's split
