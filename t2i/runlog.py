@@ -122,9 +122,13 @@ class Progress(threading.Thread):
             st = storage.stamp(url)
         except T2IError:
             return self.cache.get(url, [])
-        if url not in self.cache or st != self.stamps.get(url):
-            records = self._safe(lambda: [json.loads(ln) for ln in RunFiles._lines(url)])
-            if records or st is None:  # an empty read of an existing file: mid-replacement, try again
+        if st is None:
+            self.stamps[url], self.cache[url] = None, []
+        elif url not in self.cache or st != self.stamps.get(url):
+            # The stamp says it exists: one GET. An empty or broken read is a file mid-replacement;
+            # the stamp is left alone so that the next poll reads it again.
+            records = self._safe(lambda: [json.loads(ln) for ln in storage.read_text(url).splitlines()])
+            if records:
                 self.stamps[url], self.cache[url] = st, records
         return self.cache.get(url, [])
 

@@ -101,7 +101,7 @@ def stamp(url: str) -> tuple | None:
     """
     fs, path = filesystem(url)
     try:
-        info = fs.info(path, refresh=True) if not is_local(url) else fs.info(path)
+        info = fs.info(path, refresh=True)  # refresh: another process rewrites it
     except FileNotFoundError:
         return None
     except Exception as e:
