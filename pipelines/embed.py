@@ -54,7 +54,7 @@ def _apply_env(env: dict) -> None:
     if changed:
         from t2i import storage
 
-        storage._FS_CACHE.clear()
+        storage.reset()
 
 
 def _read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):

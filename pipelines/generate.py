@@ -122,7 +122,7 @@ def _apply_env(env: dict) -> None:
         os.environ.update(env)
         from t2i import storage
 
-        storage._FS_CACHE.clear()
+        storage.reset()
 
 
 class ImageMaker:

@@ -7,7 +7,7 @@ Layout of `{run}/checkpoints/step_000123/`:
   optimizer.safetensors  optimizer state tensors, keyed by path; the non-tensor parts (param groups,
                          step counters, hyper-parameters) as JSON in the safetensors header
   config.json            resolved model config, train config and text encoder spec
-  meta.json              step, samples seen, RNG states, data position, metrics (+ caller extras)
+  meta.json              step, samples seen, data position, metrics (+ caller extras)
   digests.json           sha256 and size of every file above; written last, so a directory without
                          it is an unfinished save and is never loaded or resumed from
 
@@ -17,26 +17,22 @@ be refused by the strict parsers.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import hashlib
 import json
-import random
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from t2i import storage
 from t2i.config import to_dict
 from t2i.errors import ConfigError, IntegrityError, StorageError, T2IError
-
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported where tensors are handled: verifying digests, registering and listing models
-# (the registry, `t2i registry`) never pay for it.
+from t2i.families import config_from_dict, family
+from t2i.train.state import state_tensors, unwrap
 
 FORMAT = 1
 MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
@@ -45,7 +41,7 @@ MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
 FILES = (MODEL, EMA, OPTIMIZER, CONFIG, META)
 WEIGHT_FILES = (EMA, CONFIG, META)  # what inference needs (and what the registry keeps)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_RESERVED_META = {"format", "step", "samples_seen", "family", "rng", "created"}
+_RESERVED_META = {"format", "step", "samples_seen", "family", "created"}
 
 
 def sha256(data: bytes) -> str:
@@ -61,8 +57,6 @@ def checkpoint_url(run_url: str, step: int) -> str:
 
 def _to_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """safetensors bytes; tensors sharing storage (tied weights) are copied, as the format demands."""
-    from safetensors.torch import save as st_save
-
     seen: set[tuple[int, int]] = set()
     flat = {}
     for k, t in tensors.items():
@@ -76,8 +70,6 @@ def _to_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
 
 
 def from_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as st_load
-
     try:
         return st_load(data)
     except Exception as e:  # a file that passed its digest but is not safetensors (hand-made dir)
@@ -99,8 +91,6 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     Tuples and non-string dict keys are tagged so that the structure comes back exactly
     (optimizer state is keyed by int parameter ids, Adam's betas are a tuple).
     """
-    import torch
-
     if isinstance(obj, torch.Tensor):
         if path in tensors:  # keys whose dots mimic nesting ("a.b" beside a["b"]): keep both
             path = f"{path}#{len(tensors)}"
@@ -136,50 +126,6 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     return obj
 
 
-# ----------------------------------------------------------------------------- RNG
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def rng_state() -> dict:
-    """The process's RNG states (torch, CUDA, numpy, python) as JSON data."""
-    import torch
-
-    np_state = np.random.get_state(legacy=True)
-    py_version, py_state, py_gauss = random.getstate()
-    out = {
-        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
-        "numpy": {"kind": np_state[0], "keys": _b64(np.asarray(np_state[1], "<u4").tobytes()),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        # Mersenne Twister words and position (625 values < 2**32), as little-endian uint32
-        "python": {"version": py_version, "state": _b64(np.asarray(py_state, "<u4").tobytes()),
-                   "gauss_next": py_gauss},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-
-    def tensor(s: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["torch"]))
-    n = state["numpy"]
-    keys = np.frombuffer(base64.b64decode(n["keys"]), dtype="<u4").astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    words = np.frombuffer(base64.b64decode(p["state"]), dtype="<u4")
-    random.setstate((p["version"], tuple(int(w) for w in words), p["gauss_next"]))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([tensor(s) for s in cuda])
-
-
 # ----------------------------------------------------------------------------- save
 
 
@@ -194,15 +140,13 @@ def _cfg_dict(cfg: Any) -> dict | None:
 
 
 def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: dict | None = None) -> dict:
-    """Write `state` (a t2i.train_step.TrainState) as a checkpoint directory at `url`.
+    """Write `state` (a t2i.train.state.TrainState) as a checkpoint directory at `url`.
 
     `encoder_spec`: the EncoderSpec (or its dict) of the text features the model was trained on.
     `meta_extra`: JSON data merged into meta.json; the trainer passes e.g. `data_position`,
     `metrics`, `run_url`, `dataset_url`, `dataset_digest` (the registry copies the last four into
     the model card). Returns the digests written. Call on one rank only.
     """
-    from t2i.train_step import state_tensors
-
     extra = dict(meta_extra or {})
     clash = sorted(_RESERVED_META & set(extra))
     if clash:
@@ -222,7 +166,7 @@ def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: di
         }),
         META: _json({
             "format": FORMAT, "family": state.family, "step": int(state.step),
-            "samples_seen": int(state.samples_seen), "rng": rng_state(),
+            "samples_seen": int(state.samples_seen),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **extra,
         }),
@@ -286,7 +230,7 @@ def read_files(url: str, names: tuple[str, ...]) -> dict[str, bytes]:
 class Checkpoint:
     url: str
     config: dict  # {"format", "family", "model", "train", "encoder"}
-    meta: dict  # {"step", "samples_seen", "rng", "created", ...extras}
+    meta: dict  # {"step", "samples_seen", "created", ...extras}
     modules: dict[str, dict[str, torch.Tensor]]  # group ("G", "D", "model") -> state dict
     ema: dict[str, torch.Tensor]
     optimizers: dict[str, dict]  # name -> optimizer state_dict
@@ -305,12 +249,11 @@ def _parse_json(data: bytes, where: str) -> dict:
         raise IntegrityError(f"{where}: not a valid JSON object") from None
 
 
-def load_checkpoint(url: str, state=None, map_location: str | torch.device = "cpu",
-                    restore_rng: bool = True) -> Checkpoint:
+def load_checkpoint(url: str, state=None, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Verify every file's digest, then parse; with `state`, restore it in place.
 
-    Restores module weights (strict), EMA, optimizers, step, samples seen and (unless
-    `restore_rng=False`) the process RNGs. A model config that differs from the checkpoint's is
+    Restores module weights (strict), EMA, optimizers, step and samples seen (no process RNG: every
+    draw in training is seeded from sample ids and the step). A model config that differs from the checkpoint's is
     refused naming the first differing key.
     """
     where = storage.describe(url)
@@ -335,28 +278,27 @@ def load_checkpoint(url: str, state=None, map_location: str | torch.device = "cp
         ema = {k: t.to(map_location) for k, t in ema.items()}
     ckpt = Checkpoint(url, config, meta, modules, ema, optimizers)
     if state is not None:
-        restore(ckpt, state, restore_rng=restore_rng)
+        restore(ckpt, state)
     return ckpt
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+def first_difference(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("checkpoint", "this run")) -> str | None:
+    """The first dotted key where two nested dicts differ, with both values; None if equal."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k, names)
             if d:
                 return d
         return None
-    return None if a == b else f"{path} (checkpoint {a!r}, this run {b!r})"
+    return None if a == b else f"{path} ({names[0]} {a!r}, {names[1]} {b!r})"
 
 
-def restore(ckpt: Checkpoint, state, restore_rng: bool = True) -> None:
+def restore(ckpt: Checkpoint, state) -> None:
     """Load a parsed checkpoint into a TrainState built for the same model config."""
-    from t2i.train_step import unwrap
-
     where = storage.describe(ckpt.url)
     if ckpt.config.get("family") != state.family:
         raise ConfigError(f"{where}: checkpoint is a {ckpt.config.get('family')} model, this run is {state.family}")
-    diff = _first_difference(ckpt.config.get("model"), _cfg_dict(state.model_cfg))
+    diff = first_difference(ckpt.config.get("model"), _cfg_dict(state.model_cfg))
     if diff:
         raise ConfigError(f"{where}: model config differs from this run's at {diff}")
     for kind, saved, have in (("modules", ckpt.modules, state.modules), ("optimizers", ckpt.optimizers, state.opts)):
@@ -369,17 +311,12 @@ def restore(ckpt: Checkpoint, state, restore_rng: bool = True) -> None:
         opt.load_state_dict(ckpt.optimizers[name])
     state.step = int(ckpt.meta["step"])
     state.samples_seen = int(ckpt.meta["samples_seen"])
-    if restore_rng and "rng" in ckpt.meta:
-        set_rng_state(ckpt.meta["rng"])
 
 
 def build_network(model_cfg_dict: dict, ema_tensors: dict[str, torch.Tensor], where: str):
     """(model_cfg, sampling network in eval mode) from a config dict and the EMA weights."""
-    from t2i.models import build_model, config_from_dict
-
     cfg = config_from_dict(model_cfg_dict)
-    built = build_model(cfg)
-    net = built[0] if isinstance(built, tuple) else built  # GAN: (G, D); sampling needs G only
+    net = family(cfg.family).sampler_network(cfg)
     try:
         net.load_state_dict(ema_tensors, strict=True)
     except RuntimeError as e:

@@ -6,9 +6,14 @@ on batch size, worker count or position in the batch.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from t2i.errors import T2IError
 from t2i.runtime import seed_from
+
+log = logging.getLogger("t2i.sampling")
 
 
 def row_noise(seeds: list[int], ids: list[str], shape: tuple[int, ...], device="cpu") -> torch.Tensor:
@@ -88,6 +93,39 @@ def flow_sample(model, tokens, mask, pooled, noise, steps: int, guidance: float,
     return x
 
 
+# ----------------------------------------------------------------------------- per family
+
+
+def gan_draw(G, cfg, tokens, mask, pooled, seeds, ids, steps=None, guidance=None) -> torch.Tensor:
+    """The GAN family's sampler: one pass from row noise [B, z_dim]."""
+    device = next(G.parameters()).device
+    return gan_sample(G, tokens, mask, pooled, row_noise(seeds, ids, (cfg.z_dim,), device))
+
+
+def flow_draw(model, cfg, tokens, mask, pooled, seeds, ids, steps=None, guidance=None) -> torch.Tensor:
+    """The flow family's sampler: the config's solver, steps and guidance unless given."""
+    device = next(model.parameters()).device
+    noise = row_noise(seeds, ids, (3, cfg.resolution, cfg.resolution), device)
+    return flow_sample(model, tokens, mask, pooled, noise, steps or cfg.steps,
+                       cfg.guidance if guidance is None else guidance, cfg.sampler, cfg.time_shift)
+
+
+def flow_settings(model: dict, steps: int | None, guidance: float | None) -> tuple[int | None, float | None]:
+    """The (steps, guidance) a flow model really samples with: the request, else its config's."""
+    steps = model.get("steps") if steps is None else steps
+    guidance = model.get("guidance") if guidance is None else guidance
+    if steps is not None and steps < 1:
+        raise T2IError(f"--steps must be >= 1, got {steps}")
+    return steps, guidance
+
+
+def one_step_settings(model: dict, steps: int | None, guidance: float | None) -> tuple[None, None]:
+    """A one-step model has neither steps nor guidance to set."""
+    if steps is not None or guidance is not None:
+        log.warning("this is a one-step model; --steps/--guidance are ignored")
+    return None, None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -100,18 +138,12 @@ def generate(model, cfg, tokens, mask, pooled, seeds, ids, steps: int | None = N
     tokens [B,L,D], mask [B,L], pooled [B,D]; seeds/ids: one per row, they alone fix the noise.
     steps/guidance: flow only; None = the config's defaults.
     """
-    device = next(model.parameters()).device
+    from t2i.families import family  # the family table imports this module
+
     was_training = model.training
     model.eval()
     try:
-        if cfg.family == "flow":
-            noise = row_noise(seeds, ids, (3, cfg.resolution, cfg.resolution), device)
-            x = flow_sample(model, tokens, mask, pooled, noise, steps or cfg.steps,
-                            cfg.guidance if guidance is None else guidance, cfg.sampler, cfg.time_shift)
-        elif cfg.family == "gan":
-            x = gan_sample(model, tokens, mask, pooled, row_noise(seeds, ids, (cfg.z_dim,), device))
-        else:
-            raise ValueError(f"unknown model family {cfg.family!r}")
+        x = family(cfg.family).sample(model, cfg, tokens, mask, pooled, seeds, ids, steps, guidance)
     finally:
         model.train(was_training)
     return to_uint8(x)

@@ -45,6 +45,11 @@ def s3_options() -> dict:
 _FS_CACHE: dict = {}
 
 
+def reset() -> None:
+    """Forget cached filesystems, e.g. after the AWS variables changed in this process."""
+    _FS_CACHE.clear()
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto, path = split(url)
     key = (proto, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
@@ -73,7 +78,8 @@ def describe(url: str) -> str:
     return path if proto == "file" else f"{proto}://{path}"
 
 
-def _wrap(url: str, e: Exception) -> StorageError:
+def storage_error(url: str, e: Exception) -> StorageError:
+    """A one-line StorageError naming the URL for an exception from a filesystem call."""
     name = type(e).__name__
     msg = str(e).splitlines()[0] if str(e) else name
     if "NoCredentials" in name or "credentials" in msg.lower():
@@ -91,7 +97,7 @@ def exists(url: str) -> bool:
     try:
         return fs.exists(path)
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
 
 
 def stamp(url: str) -> tuple | None:
@@ -105,7 +111,7 @@ def stamp(url: str) -> tuple | None:
     except FileNotFoundError:
         return None
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
     return (info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime"), info.get("ino"))
 
 
@@ -116,7 +122,7 @@ def read_bytes(url: str) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{describe(url)}: not found") from None
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
 
 
 def read_text(url: str) -> str:
@@ -134,7 +140,7 @@ def listdir(url: str) -> list[str]:
     except FileNotFoundError:
         return []
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
     out = []
     for n in names:
         n = n.rstrip("/")
@@ -160,7 +166,7 @@ def write_bytes(url: str, data: bytes) -> None:
         else:  # an object PUT is atomic
             fs.pipe_file(path, data)
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
 
 
 def write_text(url: str, text: str) -> None:
@@ -198,7 +204,7 @@ def create_only(url: str, data: bytes) -> bool:
             text = f"{type(e).__name__} {e}"
             if any(m in text for m in ("PreconditionFailed", "412", "ConditionalRequestConflict", "pre-condition")):
                 return False
-            raise _wrap(url, e) from e
+            raise storage_error(url, e) from e
     if fs.exists(path):  # other stores: best effort, not race-free
         return False
     write_bytes(url, data)
@@ -213,7 +219,7 @@ def delete(url: str, recursive: bool = False) -> None:
     except FileNotFoundError:
         pass
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
 
 
 def makedirs(url: str) -> None:
@@ -227,7 +233,7 @@ def glob(url: str) -> list[str]:
     try:
         hits = fs.glob(path)
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
     return sorted(h if proto == "file" else f"{proto}://{h}" for h in hits)
 
 
@@ -263,7 +269,7 @@ def iter_files(url: str, suffixes: Iterable[str] = ()) -> list[str]:
         # among the files; only real objects are files.
         found = fs.find(path, detail=True)
     except Exception as e:
-        raise _wrap(url, e) from e
+        raise storage_error(url, e) from e
     files = [name for name, info in found.items() if info.get("type") != "directory"]
     suffixes = tuple(suffixes)
     return sorted(

@@ -141,9 +141,9 @@ def s3(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     from t2i import storage
 
-    storage._FS_CACHE.clear()
+    storage.reset()
     yield f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"
-    storage._FS_CACHE.clear()
+    storage.reset()
 
 
 @pytest.fixture(scope="session")

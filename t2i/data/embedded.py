@@ -412,7 +412,7 @@ def shard_rows(url: str, index: int, resolution: int, min_size: int = 0, chunk_s
     except FileNotFoundError:
         raise T2IError(f"{shard}: shard not found") from None
     except Exception as e:
-        raise storage._wrap(url, e) from e
+        raise storage.storage_error(url, e) from e
     with fh:
         for item in iter_samples(fh, shard):
             image, caption, reason, detail, chunk = b"", "", "", "", -1

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.config import TrainConfig
+from t2i.errors import ConfigError
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +58,17 @@ class FlowConfig:
 
     def __post_init__(self):
         if self.resolution % self.patch:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of patch {self.patch}")
+            raise ConfigError(f"FlowConfig.resolution {self.resolution} is not a multiple of patch {self.patch}")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+            raise ConfigError(f"FlowConfig.width {self.width} is not a multiple of heads {self.heads}")
         if self.pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
+            raise ConfigError(f"FlowConfig.pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
         if self.conv_stem and not self.conv_channels:
-            raise ValueError("conv_stem needs conv_channels > 0")
+            raise ConfigError("FlowConfig.conv_stem needs conv_channels > 0")
         if self.prediction not in ("v", "x"):
-            raise ValueError(f"prediction must be 'v' or 'x', got {self.prediction!r}")
+            raise ConfigError(f"FlowConfig.prediction must be 'v' or 'x', got {self.prediction!r}")
         if self.sampler not in ("euler", "heun"):
-            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+            raise ConfigError(f"FlowConfig.sampler must be 'euler' or 'heun', got {self.sampler!r}")
 
     @property
     def grid(self) -> int:
@@ -288,46 +289,3 @@ class FlowDiT(nn.Module):
         if cfg.prediction == "x":
             return (x - out) / t.clamp(min=cfg.x_pred_t_min).view(B, 1, 1, 1).to(out.dtype)
         return out
-
-
-# ----------------------------------------------------------------------------- presets
-
-
-def _flow_debug():
-    return FlowConfig(resolution=16, patch=2, width=64, depth=2, heads=2, steps=8)
-
-
-def _flow_s():
-    # Tuned on the 32 px shapes set for a 10-minute, 2-core CPU budget (benchmarks/quality_shapes.py):
-    # big patches keep the token count at 16 so steps are cheap, and the conv MLP, long skips and
-    # full-resolution output convs put back the pixel detail that 8x8 patches lose; x prediction and
-    # a logit-normal centred at 0.8 (towards noise) learn the layout fast. Guidance 4.5 beat 3 and 6.
-    return FlowConfig(resolution=32, patch=8, width=192, depth=4, heads=3, conv_mlp=True, long_skips=True,
-                      conv_channels=16, prediction="x", t_mean=0.8, t_std=0.8, steps=20, guidance=4.5)
-
-
-def _flow_b():
-    return FlowConfig(resolution=64, patch=2, width=768, depth=12, heads=12, steps=32, guidance=4.0)
-
-
-def _flow_l():
-    return FlowConfig(resolution=256, patch=2, width=1024, depth=24, heads=16, steps=32, guidance=4.0,
-                      time_shift=3.0)
-
-
-def _preset(model: FlowConfig, **train):
-    from t2i.models import Preset
-
-    return Preset(model=model, train=TrainConfig(**train))
-
-
-MODELS = {
-    "flow-debug": lambda: _preset(_flow_debug(), steps=150, batch_size=16, lr=2e-3, betas=(0.9, 0.99),
-                                  warmup_steps=10, ema_decay=0.99, log_every=20),
-    "flow-s": lambda: _preset(_flow_s(), steps=1800, batch_size=64, lr=2e-3, betas=(0.9, 0.99),
-                              warmup_steps=20, ema_decay=0.995, log_every=50),
-    "flow-b": lambda: _preset(_flow_b(), steps=100_000, batch_size=256, lr=3e-4, betas=(0.9, 0.99),
-                              warmup_steps=2000, ema_decay=0.9999, log_every=100, checkpoint_every=5000),
-    "flow-l": lambda: _preset(_flow_l(), steps=400_000, batch_size=512, lr=1e-4, betas=(0.9, 0.99),
-                              warmup_steps=5000, ema_decay=0.9999, log_every=100, checkpoint_every=10000),
-}

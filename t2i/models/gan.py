@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.config import TrainConfig
 from t2i.errors import ConfigError
 
 
@@ -257,59 +256,3 @@ class Discriminator(nn.Module):
         h = F.leaky_relu(self.final_fc(x.flatten(1)), 0.2)  # [B, F]
         y = self.embed(self.text_norm(pooled.to(dtype)))  # [B, F]
         return self.out(h).squeeze(1) + (h * y).sum(1) * (1 / math.sqrt(h.shape[1]))  # [B]
-
-
-# ----------------------------------------------------------------------------- presets
-
-
-def gan_debug() -> "Preset":
-    from t2i.models import Preset
-
-    return Preset(
-        model=GANConfig(resolution=16, shuffle=1, z_dim=16, w_dim=64, mapping_layers=1,
-                        g_widths=(32, 32, 16), d_widths=(16, 32, 32), g_attn_res=(8,), d_attn_res=(8,),
-                        heads=2, d_feat=64, reg_every=1),
-        train=TrainConfig(steps=300, batch_size=16, lr=2e-3, lr_d=2e-3, betas=(0.0, 0.99),
-                          warmup_steps=0, grad_clip=0.0, ema_decay=0.9, log_every=50,
-                          checkpoint_every=0),
-    )
-
-
-def gan_s() -> "Preset":
-    from t2i.models import Preset
-
-    return Preset(
-        # Tuned on the 32 px shapes set for a 10-minute, 2-core CPU budget (benchmarks/quality_shapes.py):
-        # a D twice G's width at the low resolutions, light R1/R2 and a high LR at batch 32.
-        model=GANConfig(resolution=32, d_widths=(32, 64, 128), r1_gamma=0.1, r2_gamma=0.1),
-        train=TrainConfig(steps=2400, batch_size=32, lr=1e-3, lr_d=1e-3, betas=(0.0, 0.99),
-                          warmup_steps=100, grad_clip=0.0, ema_decay=0.995),
-    )
-
-
-def gan_b() -> "Preset":
-    from t2i.models import Preset
-
-    return Preset(
-        model=GANConfig(resolution=64, shuffle=1, w_dim=512, mapping_layers=4, g_widths=(512, 512, 256, 256, 128),
-                        d_widths=(128, 256, 256, 512, 512), g_attn_res=(8, 16), d_attn_res=(8, 16),
-                        heads=8, d_feat=512),
-        train=TrainConfig(steps=100_000, batch_size=256, lr=2e-4, lr_d=2e-4, betas=(0.0, 0.99),
-                          warmup_steps=1000, grad_clip=0.0, ema_decay=0.9995, checkpoint_every=5000),
-    )
-
-
-def gan_l() -> "Preset":
-    from t2i.models import Preset
-
-    return Preset(
-        model=GANConfig(resolution=256, shuffle=1, w_dim=512, mapping_layers=4,
-                        g_widths=(768, 768, 512, 512, 256, 128, 64),
-                        d_widths=(64, 128, 256, 512, 512, 768, 768), g_attn_res=(8, 16, 32),
-                        d_attn_res=(8, 16), heads=8, d_feat=768, r1_gamma=2.0, r2_gamma=2.0),
-        train=TrainConfig(steps=300_000, batch_size=512, lr=2e-4, lr_d=2e-4, betas=(0.0, 0.99),
-                          warmup_steps=2000, grad_clip=0.0, ema_decay=0.9999, checkpoint_every=5000),
-    )
-
-
-MODELS = {"gan-debug": gan_debug, "gan-s": gan_s, "gan-b": gan_b, "gan-l": gan_l}

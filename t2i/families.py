@@ -1,0 +1,62 @@
+"""The one dispatch table over model families: a family's config, networks, training step and sampler.
+
+Adding a family means a model file in `t2i/models/`, its training step in `t2i/train/`, its
+sampler in `t2i/sampling.py`, a row here and its presets in `t2i/presets.py`; nothing else
+switches on the family name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from t2i import sampling
+from t2i.config import from_dict
+from t2i.errors import ConfigError
+from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.models.gan import GANConfig, Generator
+from t2i.train import flow as flow_train
+from t2i.train import gan as gan_train
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    config: type  # the model config dataclass
+    sampler_network: Callable[[Any], nn.Module]  # config -> the network that generates (EMA-tracked)
+    make_state: Callable  # (model_cfg, train_cfg, runtime) -> TrainState
+    train_step: Callable  # (state, batch) -> metrics
+    sample: Callable  # (network, cfg, tokens, mask, pooled, seeds, ids, steps, guidance) -> float images
+    sampling_settings: Callable[[dict, int | None, float | None], tuple]  # (model dict, steps, guidance)
+
+
+FAMILIES: dict[str, Family] = {
+    "gan": Family("gan", GANConfig, Generator, gan_train.make_gan_state, gan_train.gan_train_step,
+                  sampling.gan_draw, sampling.one_step_settings),
+    "flow": Family("flow", FlowConfig, FlowDiT, flow_train.make_flow_state, flow_train.flow_train_step,
+                   sampling.flow_draw, sampling.flow_settings),
+}
+
+
+def family(name: str | None) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def config_from_dict(data: dict) -> Any:
+    """A model config from plain data (a checkpoint's config.json); `family` picks the class."""
+    name = data.get("family")
+    return from_dict(family(name).config, data, where=f"model config ({name})")
+
+
+def make_state(model_cfg: Any, train_cfg: Any, runtime: Any):
+    """Fresh modules, EMA and optimizers for a model config, on the runtime's device."""
+    return family(model_cfg.family).make_state(model_cfg, train_cfg, runtime)
+
+
+def train_step(state: Any, batch: dict) -> dict:
+    """One optimisation step of the state's family; see `t2i.train.state` for the batch contract."""
+    return FAMILIES[state.family].train_step(state, batch)

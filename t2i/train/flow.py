@@ -1,0 +1,70 @@
+"""The flow family's training step: rectified flow with caption dropout and logit-normal time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from t2i.config import TrainConfig
+from t2i.models.flow import FlowDiT
+from t2i.runtime import Runtime, seed_from
+from t2i.train.losses import flow_matching_loss, logit_normal_t
+from t2i.train.state import (TrainState, clip_grads, ema_decay_at, ema_update, images_to_tensor, lr_at, new_ema,
+                             set_lr, unwrap)
+
+
+def make_flow_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:
+    torch.manual_seed(train_cfg.seed)  # the init is a function of the config's seed only
+    model = FlowDiT(model_cfg).to(runtime.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
+                            weight_decay=train_cfg.weight_decay)
+    return TrainState(model_cfg, train_cfg, runtime, {"model": model}, new_ema(model), {"model": opt})
+
+
+def flow_noise(seeds: torch.Tensor, step: int, shape: tuple[int, ...], device: torch.device):
+    """Per-sample (eps [B,*shape], n [B], u [B]) for one step, from (sample seed, step) only.
+
+    On CPU every row has its own generator, so a sample's noise is the same whatever batch or
+    worker it lands in. On accelerators one device generator seeded from (step, all seeds) keeps
+    the draw on the device; it is still a function of the sample ids, never of the rank.
+    """
+    seeds = [int(s) for s in seeds.tolist()]
+    if device.type == "cpu":
+        eps, nu = [], []
+        for s in seeds:
+            g = torch.Generator().manual_seed(seed_from(s, step))
+            nu.append(torch.randn(1, generator=g).item())
+            nu.append(torch.rand(1, generator=g).item())
+            eps.append(torch.randn(shape, generator=g))
+        nu_t = torch.tensor(nu).view(-1, 2)
+        return torch.stack(eps), nu_t[:, 0], nu_t[:, 1]
+    g = torch.Generator(device=device).manual_seed(seed_from(step, *seeds))
+    B = len(seeds)
+    n = torch.randn(B, generator=g, device=device)
+    u = torch.rand(B, generator=g, device=device)
+    return torch.randn((B, *shape), generator=g, device=device), n, u
+
+
+def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+    """One rectified-flow step: caption dropout, logit-normal t, CFM loss, clip, AdamW, EMA."""
+    cfg, tc = state.model_cfg, state.train_cfg
+    model, opt = state.modules["model"], state.opts["model"]
+    x0 = images_to_tensor(batch["image"])  # [B, 3, H, W] in [-1, 1]
+    eps, n, u = flow_noise(batch["seed"], state.step, tuple(x0.shape[1:]), x0.device)
+    t = logit_normal_t(n, cfg.t_mean, cfg.t_std).to(x0.device)
+    drop = (u < cfg.caption_dropout).to(x0.device)
+    lr = lr_at(state.step, tc, tc.lr)
+    set_lr(opt, lr)
+    model.train()
+    with state.runtime.autocast():
+        loss = flow_matching_loss(model, x0, eps.to(x0.device), t, batch["tokens"].float(), batch["mask"],
+                                  batch["pooled"].float(), drop=drop)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_grads(model, tc.grad_clip)
+    opt.step()
+    ema_update(state.ema, model, ema_decay_at(state.step, tc))
+    state.step += 1
+    state.samples_seen += x0.shape[0] * state.runtime.world_size
+    return {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float(), "lr": lr}

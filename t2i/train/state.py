@@ -1,0 +1,117 @@
+"""One training step per family, shared by the tests, the local loop and Ray Train workers.
+
+Batch contract (tensors already on the runtime's device):
+  image  uint8 [B, H, W, 3]      pixels at the training resolution
+  tokens float [B, L, D]         text token states, zero-padded to the batch's longest caption
+  mask   bool  [B, L]            True where a token is real
+  pooled float [B, D]            pooled text vector
+  seed   int64 [B]               per-sample seeds derived from sample keys (never from ranks);
+                                 may stay on the host, where the noise seeding reads them
+
+`train_step(state, batch)` updates `state` in place and returns its metrics: 0-dim float tensors
+on the runtime's device (losses, norms) and Python floats (learning rates). Reading a device
+tensor back waits for the accelerator, so callers sum them and read them once per logging window
+(`metric_floats`); the step itself reads nothing back from the device (a `gpu` test holds it to
+that with CUDA's sync debugger).
+Modules in `state.modules` may be wrapped in DistributedDataParallel by the caller; EMA copies
+are always the bare modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.config import TrainConfig
+from t2i.runtime import Runtime
+
+
+@dataclasses.dataclass
+class TrainState:
+    model_cfg: Any
+    train_cfg: TrainConfig
+    runtime: Runtime
+    modules: dict[str, nn.Module]  # flow: {"model"}; gan: {"G", "D"} (possibly DDP-wrapped)
+    ema: nn.Module  # EMA of the network used at sampling time (flow model or G)
+    opts: dict[str, torch.optim.Optimizer]
+    step: int = 0
+    samples_seen: int = 0
+
+    @property
+    def family(self) -> str:
+        return self.model_cfg.family
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
+
+
+def images_to_tensor(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,H,W] in [-1, 1]."""
+    return image.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
+    """Linear warmup then constant: short runs gain nothing from decay schedules here."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    return base_lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_p = list(ema.parameters())
+    model_p = [p.detach() for p in unwrap(model).parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), unwrap(model).buffers()):
+        eb.copy_(mb)
+
+
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """Warm the EMA up so early checkpoints are not dominated by the random init."""
+    if step < cfg.ema_start:
+        return 0.0
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def clip_grads(module: nn.Module, max_norm: float) -> torch.Tensor:
+    if max_norm and max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    return torch.zeros((), device=next(module.parameters()).device)
+
+
+
+def state_tensors(state: TrainState) -> dict[str, dict[str, torch.Tensor]]:
+    """Everything a checkpoint needs, as named tensor dicts (safetensors-friendly groups)."""
+    out = {f"model.{k}": unwrap(m).state_dict() for k, m in state.modules.items()}
+    out["ema"] = state.ema.state_dict()
+    return out
+
+
+def new_ema(module: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(unwrap(module)).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+def metric_floats(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Metrics as Python floats, read from the device in one copy; non-finite values become NaN."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    if keys:
+        out.update(zip(keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return {k: v if math.isfinite(v) else float("nan") for k, v in out.items()}
+
+
