@@ -2,12 +2,13 @@
 
 Both sides do the same work with the same model, prompts and batch size: read the prompt file,
 load the model from the registry and the text encoder, encode captions, sample, write each image
-as a PNG (create-only), write the manifest. The bare loop is one process calling the very object
-the job's actors run (`pipelines.generate.ImageMaker`) with all cores as torch threads; the job
-runs its default layout (one single-threaded actor per core). Ray itself is started (and timed)
-beforehand, so the ratio is the cost of Ray Data plus the actors' start-up. Models are random-init
-`gan-s` and `flow-s` (speed does not depend on the weights) with the packaged MiniLM encoder; the
-flow model samples at its default steps and guidance. Rounds alternate bare/Ray; best of each.
+as a PNG (create-only), write the manifest. The bare loop is `t2i.generate.generate` in one
+process (t2i only, no Ray), calling the very object the job's actors run (`t2i.generate.ImageMaker`)
+with all cores as torch threads; the job runs its default layout (one single-threaded actor per
+core). Ray itself is started (and timed) beforehand, so the ratio is the cost of Ray Data plus the
+actors' start-up. Models are random-init `gan-s` and `flow-s` (speed does not depend on the weights)
+with the packaged MiniLM encoder; the flow model samples at its default steps and guidance. Rounds
+alternate bare/Ray; best of each.
 
     python benchmarks/generate_throughput.py [--models gan-s,flow-s] [--rounds 2] [--batch-size 16]
 """
@@ -26,24 +27,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _report import write_section  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from _report import write_section  # noqa: E402
+
+from pipelines import generate as ray_gen  # noqa: E402  (the Ray side only; the bare loop uses t2i alone)
+from t2i import checkpoint as ck  # noqa: E402
+from t2i import generate as gen  # noqa: E402
+from t2i.config import EncoderSpec, replace  # noqa: E402
+from t2i.data import shapes  # noqa: E402
+from t2i.families import make_state  # noqa: E402
+from t2i.presets import get_preset  # noqa: E402
+from t2i.registry import Registry  # noqa: E402
+from t2i.runtime import setup_runtime  # noqa: E402
+from t2i.text import TextEncoder  # noqa: E402
 
 DEFAULT_NUM = {"gan-s": 8192, "flow-s": 256}
 
 
 def register_random(registry: str, preset: str) -> dict:
     """Register a random-init model of `preset` with the packaged MiniLM as its encoder; its card."""
-    from t2i import checkpoint as ck
-    from t2i.config import EncoderSpec, replace
-    from t2i.models import get_preset
-    from t2i.registry import Registry
-    from t2i.runtime import setup_runtime
-    from t2i.text import TextEncoder
-    from t2i.train_step import make_state
-
     spec = TextEncoder(EncoderSpec(), "cpu").spec
     p = get_preset(preset)
     state = make_state(replace(p.model, text_dim=spec.dim), p.train, setup_runtime("cpu"))
@@ -55,8 +61,6 @@ def register_random(registry: str, preset: str) -> dict:
 
 def write_prompts(path: str, n: int) -> None:
     """n rows cycling through every seen and held-out shapes prompt, each row its own seed."""
-    from t2i.data import shapes
-
     captions = [c for split in ("seen", "heldout") for c, _ in shapes.prompts(split, per_pair=3)]
     with open(path, "w") as f:
         for i in range(n):
@@ -64,39 +68,19 @@ def write_prompts(path: str, n: int) -> None:
 
 
 def bare_loop(registry: str, card: dict, prompts: str, out: str, batch_size: int, threads: int) -> dict:
-    """The job's work in one process, batch after batch."""
-    from pipelines import generate as gen
-    from t2i.prompts import read_prompts
-
+    """The job's work in one process, batch after batch: t2i.generate without Ray."""
     t0 = time.perf_counter()
-    pf = read_prompts(prompts)
-    steps, guidance = gen.sampling_settings(card, None, None)
-    maker = gen.ImageMaker(registry, card["ref"], gen.model_digest(card), out, steps, guidance,
-                           threads=threads, device="cpu")
-    written = 0
-    for b in range(0, len(pf.rows), batch_size):
-        rows = pf.rows[b:b + batch_size]
-        res = maker({"id": [r.id for r in rows], "prompt": [r.prompt for r in rows], "seed": [r.seed for r in rows]})
-        written += sum(s == "written" for s in res["status"])
-    fresh = {r.id: gen.record(r.id, r.prompt, r.seed, card["ref"], gen.model_digest(card), steps, guidance)
-             for r in pf.rows}
-    gen.write_outputs(out, gen.build_manifest(out, fresh), {"model": card["ref"]})
+    s = gen.generate(card["ref"], prompts, out, registry=registry, batch_size=batch_size,
+                     make=gen.local_maker(batch_size, device="cpu", threads=threads))
     secs = time.perf_counter() - t0
-    return {"seconds": secs, "images": written, "images_per_s": written / secs}
+    return {"seconds": secs, "images": s["written"], "images_per_s": s["written"] / secs}
 
 
 def ray_job(registry: str, card: dict, prompts: str, out: str, batch_size: int) -> dict:
-    from pipelines import generate as gen
-
-    parser = argparse.ArgumentParser()
-    gen.add_arguments(parser)
-    args = parser.parse_args(["--model", card["ref"], "--registry", registry, "--prompts", prompts, "--out", out,
-                              "--batch-size", str(batch_size)])
     t0 = time.perf_counter()
-    gen.run(args)
+    s = ray_gen.generate(card["ref"], prompts, out, registry=registry, batch_size=batch_size)
     secs = time.perf_counter() - t0
-    n = len(gen.existing_ids(out))
-    return {"seconds": secs, "images": n, "images_per_s": n / secs}
+    return {"seconds": secs, "images": s["images"], "images_per_s": s["images"] / secs}
 
 
 def measure(preset: str, work: str, registry: str, num: int, batch_size: int, rounds: int, threads: int) -> dict:
@@ -174,12 +158,6 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="do not update the results JSON / BENCHMARKS.md")
     a = p.parse_args()
 
-    import ray
-
-    from pipelines import generate as gen
-    from t2i.config import EncoderSpec
-    from t2i.text import TextEncoder
-
     cpus = os.cpu_count()
     load0 = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="generate-bench-")
@@ -189,7 +167,7 @@ def main() -> int:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}})
     ray_init = time.perf_counter() - t0
     try:
-        plan = gen.plan_resources(ray.cluster_resources(), None)
+        plan = gen.plan_actors(ray.cluster_resources(), None)
         models = [measure(m, work, registry, a.num or DEFAULT_NUM.get(m, 256), a.batch_size, a.rounds, cpus)
                   for m in a.models.split(",")]
     finally:

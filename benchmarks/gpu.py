@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import write_section  # noqa: E402
 
-from t2i.models import get_preset  # noqa: E402
+from t2i.presets import get_preset  # noqa: E402
 from t2i.runtime import setup_runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,7 +105,7 @@ def _batch(cfg, B, L, device, pin):
 
 
 def bench_train(preset: str, batch: int, steps: int, warmup: int, rt, compile_: bool, text_len: int) -> dict:
-    from t2i.train_step import make_state, train_step
+    from t2i.families import make_state, train_step
 
     p = get_preset(preset)
     cfg = p.model
@@ -141,12 +141,11 @@ def bench_train(preset: str, batch: int, steps: int, warmup: int, rt, compile_: 
 
 @torch.no_grad()
 def bench_generate(preset: str, batch: int, steps_list, rt, repeats: int, text_len: int) -> list[dict]:
-    from t2i.models import build_model
+    from t2i.families import family
     from t2i.sampling import generate
 
     cfg = get_preset(preset).model
-    net = build_model(cfg)
-    net = (net[0] if isinstance(net, tuple) else net).to(rt.device).eval()
+    net = family(cfg.family).sampler_network(cfg).to(rt.device).eval()
     if cfg.family == "gan" and rt.device.type == "cuda":
         net.to(memory_format=torch.channels_last)
     rows = []

@@ -34,19 +34,19 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _report import write_section  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _report import write_section  # noqa: E402
 
 from t2i.config import EncoderSpec, replace, to_dict  # noqa: E402
 from t2i.data import shapes  # noqa: E402
 from t2i.data.batching import collate_features  # noqa: E402
 from t2i.eval import attribute_accuracy, write_contact_sheet  # noqa: E402
-from t2i.models import get_preset  # noqa: E402
+from t2i.presets import get_preset  # noqa: E402
 from t2i.sampling import generate  # noqa: E402
 from t2i.text import TextEncoder  # noqa: E402
-from t2i.train_local import ArrayData, EvalPrompts, parse_overrides, shapes_data, train_local  # noqa: E402
+from t2i.train.local import ArrayData, parse_overrides, shapes_data, train_local  # noqa: E402
+from t2i.train.loop import EvalPrompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "quality_shapes.json"
@@ -58,7 +58,7 @@ log = logging.getLogger("quality_shapes")
 
 def training_data(num: int, seed: int, encoder: TextEncoder) -> ArrayData:
     """`num` shapes samples (held-out pairs excluded by the generator) with their captions encoded
-    once per distinct caption: `t2i.train_local.shapes_data`, checked for held-out captions."""
+    once per distinct caption: `t2i.train.local.shapes_data`, checked for held-out captions."""
     data, _ = shapes_data(num, RESOLUTION, seed, encoder)
     held = {shapes.caption(s, c, bg) for s, c in shapes.DEFAULT_HOLDOUT for bg in shapes.COLORS if bg != c}
     leaked = [c for c in data.captions if c in held]
@@ -101,7 +101,8 @@ def run_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows: d
     preset = get_preset(PRESETS[family])
     m_over, t_over = parse_overrides([item.split(".", 1)[1] for item in args.set if item.split(".", 1)[0] == family])
     model_cfg = replace(preset.model, **{"text_dim": encoder.dim, **m_over})
-    train_cfg = replace(preset.train, **t_over) if t_over else preset.train
+    # One checkpoint, at the end: a mid-run save and grid would come out of the fixed time budget.
+    train_cfg = replace(preset.train, **{"checkpoint_every": 0, **t_over})
     grid = EvalPrompts([rows["seen"]["captions"][0], rows["seen"]["captions"][7], rows["heldout"]["captions"][0]],
                        [rows[s]["tokens"][i * args.per_prompt] for s, i in (("seen", 0), ("seen", 7), ("heldout", 0))],
                        np.stack([rows[s]["pooled"][i * args.per_prompt] for s, i in

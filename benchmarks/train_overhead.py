@@ -35,7 +35,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 from _report import write_section  # noqa: E402
+
+from t2i import storage  # noqa: E402
+from t2i.config import EncoderSpec, TrainConfig, from_dict, replace, to_dict  # noqa: E402
+from t2i.data import embedded as E  # noqa: E402
+from t2i.data import shapes  # noqa: E402
+from t2i.data.batching import rows_to_batch  # noqa: E402
+from t2i.data.embedded import load_embedded  # noqa: E402
+from t2i.families import config_from_dict, make_state  # noqa: E402
+from t2i.runtime import seed_from, setup_runtime  # noqa: E402
+from t2i.text import TextEncoder  # noqa: E402
+from t2i.train.distributed import wrap_ddp  # noqa: E402
+from t2i.train.loop import Hooks, fit  # noqa: E402
+from t2i.train.run import JobConfig, resolve_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -45,13 +61,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def build_dataset(url: str, num: int, resolution: int) -> dict:
     """Shapes samples with MiniLM features as an embedded dataset (each distinct caption encoded once)."""
-    import numpy as np
-
-    from t2i.config import EncoderSpec, to_dict
-    from t2i.data import embedded as E
-    from t2i.data import shapes
-    from t2i.text import TextEncoder
-
     if os.path.exists(os.path.join(url, E.MANIFEST)):
         return E.read_manifest(url)
     images, captions, _ = shapes.make_arrays(num, resolution, seed=0)
@@ -59,17 +68,9 @@ def build_dataset(url: str, num: int, resolution: int) -> dict:
     distinct = sorted(set(captions))
     out = enc.encode(distinct)
     row = {c: i for i, c in enumerate(distinct)}
-    keys = [f"{i:06d}" for i in range(num)]
-    table = E.make_table(keys, captions, [im.tobytes() for im in images],
-                         [out.tokens[row[c]].tobytes() for c in captions], [int(out.lengths[row[c]]) for c in captions],
-                         [out.pooled[row[c]].tobytes() for c in captions], [f"shapes#{k}" for k in keys])
-    per = 1024
-    parts = [E.write_part(url, table.slice(i, per)) for i in range(0, num, per)]
-    manifest = E.finalize_manifest(encoder=to_dict(enc.spec), resolution=resolution, parts=parts,
-                                   shards=[{"url": "shapes", "read": num, "kept": num, "skipped": {}}],
-                                   truncated_captions=int(np.sum(out.truncated)), data="shapes (in memory)")
-    E.write_manifest(url, manifest)
-    return manifest
+    return E.write_arrays(url, images=images, captions=captions, tokens=[out.tokens[row[c]] for c in captions],
+                          pooled=np.stack([out.pooled[row[c]] for c in captions]), encoder=to_dict(enc.spec),
+                          keys=[f"{i:06d}" for i in range(num)], rows_per_part=1024, data="shapes (in memory)")
 
 
 def steady(records: list[dict], warmup: int, batch: int) -> dict:
@@ -97,22 +98,12 @@ def _windows(records: list[dict]) -> list[dict]:
 
 
 def _bare_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
-    """One process of the bare loop: torch.distributed (gloo) + DDP + in-memory shard, same step."""
-    import numpy as np
-    import torch.distributed as dist
-
-    from t2i.config import TrainConfig, from_dict
-    from t2i.data.embedded import load_embedded
-    from t2i.distributed import Meter, rows_to_batch, run_steps, wrap_ddp
-    from t2i.models import config_from_dict
-    from t2i.runtime import seed_from, setup_runtime
-    from t2i.train_step import make_state
-
+    """One process of the bare loop: torch.distributed (gloo) + DDP + in-memory shard, the same `fit`."""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     rt = setup_runtime(cfg["device"], threads=cfg["threads"])
-    train_cfg = from_dict(TrainConfig, cfg["train"])
+    train_cfg = replace(from_dict(TrainConfig, cfg["train"]), log_every=cfg["log_every"])
     state = wrap_ddp(make_state(config_from_dict(cfg["model"]), train_cfg, rt))
     ds = load_embedded(cfg["data"], verify=False)
     mine = np.arange(len(ds))[rank::world]
@@ -129,15 +120,9 @@ def _bare_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
                 yield rows_to_batch(rows, train_cfg.seed, pin=rt.device.type == "cuda")
             epoch += 1
 
-    meter, records, first = Meter(), [], []
-
-    def after(_metrics):
-        if not first:
-            first.append(time.time())
-        if state.step % cfg["log_every"] == 0:
-            records.append(meter.summary(state, world))
-
-    run_steps(state, batches(), train_cfg.steps, meter, after)
+    records, first = [], []
+    hooks = Hooks(log=records.append, step=lambda st, wait: first.append(time.time()) if not first else None)
+    fit(state, batches(), hooks)
     if world > 1:
         dist.destroy_process_group()
     if rank == 0:
@@ -146,8 +131,6 @@ def _bare_rank(rank: int, world: int, port: int, cfg: dict, queue) -> None:
 
 def run_bare(data: str, model_cfg: dict, train_cfg: dict, world: int, threads: int, device: str,
              log_every: int) -> dict:
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,14 +166,13 @@ def run_bare(data: str, model_cfg: dict, train_cfg: dict, world: int, threads: i
 
 def run_ray(data: str, preset: str, out: str, workers: int, cpus: float, threads: int, gpus: float,
             steps: int, batch: int, log_every: int) -> dict:
-    from pipelines import train
-    from t2i import storage
+    from pipelines import train  # the Ray side of the comparison
 
-    job = train.JobConfig(data=data, model=preset, out=out, workers=workers, cpus_per_worker=cpus,
+    job = JobConfig(data=data, model=preset, out=out, workers=workers, cpus_per_worker=cpus,
                           threads_per_worker=threads, gpus_per_worker=gpus, keep=1, max_failures=0,
                           train={"steps": steps, "batch_size": batch, "checkpoint_every": 0, "log_every": log_every})
     t0 = time.time()
-    summary = train.fit(job, launched=t0)
+    summary = train.fit_job(job, launched=t0)
     wall = time.time() - t0
     events = [json.loads(x) for x in storage.read_text(os.path.join(out, "events.jsonl")).splitlines()]
     records = [json.loads(x) for x in storage.read_text(os.path.join(out, "metrics.jsonl")).splitlines()]
@@ -226,9 +208,6 @@ def _settle(limit_s: float = 30.0, quiet: float = 0.3) -> None:
 
 
 def bench_pair(args, preset: str, layout: dict, data: str, manifest: dict, work: str) -> dict:
-    from pipelines.train import JobConfig, resolve_model
-    from t2i.config import to_dict
-
     job = JobConfig(data=data, model=preset, out="-", workers=layout["workers"],
                     train={"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
                            "log_every": args.log_every})

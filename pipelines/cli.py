@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from t2i.errors import T2IError
+
 # (name, module, help). `data` takes a second word (`t2i data shapes`); see pipelines/data.py.
 COMMANDS = [
     ("data", "pipelines.data", "write data sets (the synthetic shapes set) as WebDataset shards"),
@@ -23,7 +25,9 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (Ray, torch and transformers load in seconds,
+    which `t2i --help` and `t2i registry list` should not pay)."""
     p = argparse.ArgumentParser(
         prog="t2i",
         description="t2i: text-to-image data and training pipelines on Ray (embed, train, generate).",
@@ -31,16 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_ in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # a subcommand not built into this install
-                continue
-            raise
-        sp = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        mod.add_arguments(sp)
-        sp.set_defaults(_run=mod.run)
+        if name == command:
+            mod = importlib.import_module(module)
+            sp.description = (mod.__doc__ or help_).strip().splitlines()[0]
+            mod.add_arguments(sp)
+            sp.set_defaults(_run=mod.run)
     return p
 
 
@@ -54,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = build_parser()
+    names = {name for name, _, _ in COMMANDS}
+    parser = build_parser(next((a for a in argv if a in names), None))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from t2i.errors import T2IError
-
     try:
         return int(args._run(args) or 0)
     except T2IError as e:

@@ -1,4 +1,5 @@
-"""Write data sets as WebDataset shards: `t2i data shapes --out URL --num N --resolution R`.
+"""Write data sets as WebDataset shards: `t2i data shapes --out URL --num N --resolution R`,
+or from Python `shapes(out, num, resolution=R)`.
 
 The shapes set is rendered in this process (thousands of small samples per second on one
 core), so it needs no cluster; the shards it writes are what `t2i embed` reads.
@@ -9,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Iterable
 
 from t2i import storage
-from t2i.data import shapes
+from t2i.data import shapes as shapes_set
 from t2i.errors import ConfigError
 
 
@@ -27,14 +29,14 @@ def parse_holdout(text: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"--holdout: {item.strip()!r} is not SHAPE:COLOUR (e.g. triangle:orange)")
         pairs.append((shape.strip(), color.strip()))
     try:
-        return shapes.validate_holdout(pairs)
+        return shapes_set.validate_holdout(pairs)
     except ConfigError as e:
         raise ConfigError(f"--holdout: {e}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    default_holdout = ",".join(f"{s}:{c}" for s, c in shapes.DEFAULT_HOLDOUT)
+    default_holdout = ",".join(f"{s}:{c}" for s, c in shapes_set.DEFAULT_HOLDOUT)
     p = sub.add_parser(
         "shapes",
         help="the synthetic shapes set ('a red circle on a blue background')",
@@ -52,6 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the shards of an existing set at --out")
 
 
+def shapes(out: str, num: int, *, resolution: int = 32, shard_size: int = 1000, seed: int = 0,
+           holdout: Iterable[Iterable[str]] = shapes_set.DEFAULT_HOLDOUT, overwrite: bool = False,
+           progress: bool = True) -> dict:
+    """Render `num` shapes samples into WebDataset shards under `out` (progress on stderr).
+
+    Returns {"out", "num", "resolution", "shards" (URLs), "holdout" (pairs), "seconds"}.
+    """
+    if num < 1:
+        raise ConfigError(f"--num {num}: must be at least 1")
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
+    if resolution < 8:
+        raise ConfigError(f"--resolution {resolution}: must be at least 8")
+    holdout = shapes_set.validate_holdout(holdout)
+    start = time.time()
+    urls = shapes_set.write_shapes(out, num, resolution, shard_size=shard_size, seed=seed, holdout=holdout,
+                                   overwrite=overwrite, progress=_progress(start) if progress else None)
+    return {"out": out, "num": num, "resolution": resolution, "shards": urls, "holdout": holdout,
+            "seconds": time.time() - start}
+
+
 def _progress(start: float):
     def report(done: int, total: int) -> None:
         rate = done / max(time.time() - start, 1e-9)
@@ -64,21 +87,9 @@ def _progress(start: float):
 def run(args: argparse.Namespace) -> int:
     if args.dataset != "shapes":
         raise ConfigError(f"unknown data set {args.dataset!r}; expected 'shapes'")
-    if args.num < 1:
-        raise ConfigError(f"--num {args.num}: must be at least 1")
-    if args.shard_size < 1:
-        raise ConfigError(f"--shard-size {args.shard_size}: must be at least 1")
-    if args.resolution < 8:
-        raise ConfigError(f"--resolution {args.resolution}: must be at least 8")
-    holdout = parse_holdout(args.holdout)
-    start = time.time()
-    urls = shapes.write_shapes(
-        args.out, args.num, args.resolution, shard_size=args.shard_size, seed=args.seed, holdout=holdout,
-        overwrite=args.overwrite, progress=_progress(start),
-    )
-    held = ", ".join(f"{s}:{c}" for s, c in holdout) or "none"
-    print(
-        f"wrote {args.num} samples at {args.resolution}px in {len(urls)} shards to {storage.describe(args.out)} "
-        f"({time.time() - start:.1f}s; held out: {held})"
-    )
+    r = shapes(args.out, args.num, resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
+               holdout=parse_holdout(args.holdout), overwrite=args.overwrite)
+    held = ", ".join(f"{s}:{c}" for s, c in r["holdout"]) or "none"
+    print(f"wrote {r['num']} samples at {r['resolution']}px in {len(r['shards'])} shards to "
+          f"{storage.describe(r['out'])} ({r['seconds']:.1f}s; held out: {held})")
     return 0

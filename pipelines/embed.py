@@ -4,23 +4,78 @@ Shards are read in parallel by our own tar reader (it survives truncated tars an
 every sample; Ray's read_webdataset drops or fails on them), decoded and resized on CPU tasks,
 encoded by a pool of text-encoder actors (one per GPU, else CPU actors), and written as Parquet
 parts by CPU tasks. The driver folds the per-part summaries into errors.jsonl and, last,
-manifest.json. The stages themselves are plain functions in `t2i.data.embedded`.
+manifest.json. The stages and the driver's checks are plain functions in `t2i.data.embed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import time
 
+import ray
+
+from pipelines import cluster
+from t2i import storage
+from t2i.data import embed as job
+from t2i.data.shards import expand_shards
+
 log = logging.getLogger("t2i.embed")
 
-# Forwarded from the driver to Ray workers, which a local cluster may have started before the
-# driver's environment was set (and which never see it on a remote cluster). Never logged.
-_FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_HOME",
-                "TRANSFORMERS_VERBOSITY")
+
+def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kind: str = "encoder",
+          hidden_layer: int = -1, prefix: str = "", resolution: int = 64, max_tokens: int = 64,
+          batch_size: int = 64, min_size: int = 0, encoders: int | None = None,
+          encoder_threads: int | None = None, rows_per_part: int | None = None, overwrite: bool = False,
+          address: str | None = None) -> dict:
+    """Embed the shards at `data` into an embedded dataset at `out` (see `add_arguments` for each
+    option). Returns {"manifest", "out", "shards", "seconds" (job time, Ray start-up excluded)}."""
+    job.check_options(resolution=resolution, max_tokens=max_tokens, batch_size=batch_size)
+    urls = expand_shards(data)  # raises, naming the URL, when there are none
+    job.prepare_out(out, overwrite)
+    spec = job.encoder_spec(encoder, encoder_kind, hidden_layer, max_tokens, prefix)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # on a real cluster the path is the workers'
+        job.check_encoder(encoder)
+    t_start = time.perf_counter()
+    started = cluster.connect(address)
+    try:
+        t_ready = time.perf_counter()
+        plan = plan_resources(ray.cluster_resources(), encoders, encoder_threads)
+        log.info("embed: %d shards from %s -> %s; %d encoder actor(s) (%s), %d px, batch %d",
+                 len(urls), storage.describe(data), storage.describe(out), plan["encoders"],
+                 "GPU" if "num_gpus" in plan["actor"] else f"CPU, {plan['threads']} threads",
+                 resolution, batch_size)
+        env = cluster.forwarded_env()
+        ds = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
+        ds = ds.map_batches(_read_shards, fn_kwargs=dict(env=env, resolution=resolution, min_size=min_size,
+                                                          chunk_size=batch_size),
+                            batch_size=1, batch_format="pyarrow", num_cpus=plan["task_cpus"])
+        ds = ds.map_batches(_Encode, fn_constructor_args=(env, spec, batch_size, plan["threads"]),
+                            batch_size=None, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=plan["encoders"]), **plan["actor"])
+        ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=out), batch_format="pyarrow",
+                            batch_size=job.rows_per_part(resolution, rows_per_part), num_cpus=plan["task_cpus"])
+        acc = job.Accumulator(urls)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for summary in job.read_summaries(batch):
+                    acc.add(summary)
+        except Exception as e:
+            err = cluster.user_error(e)
+            if err is None:
+                raise
+            raise err from None
+        t_done = time.perf_counter()
+        manifest = acc.finish(out, data=storage.describe(data), resolution=resolution, encoder_fallback=spec,
+                              extra={"job": {"seconds": round(t_done - t_ready, 3),
+                                             "ray_startup_seconds": round(t_ready - t_start, 3),
+                                             "encoders": plan["encoders"], "batch_size": batch_size}})
+    finally:
+        if started:
+            ray.shutdown()
+    return {"manifest": manifest, "out": out, "shards": len(urls), "seconds": t_done - t_ready}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,80 +101,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
-# ------------------------------------------------------------------------------ Ray-side stages
-
-def _apply_env(env: dict) -> None:
-    changed = any(os.environ.get(k) != v for k, v in env.items())
-    os.environ.update(env)
-    if changed:
-        from t2i import storage
-
-        storage.reset()
+# Each option's dest is the keyword of `embed` with the same name.
+OPTIONS = tuple(inspect.signature(embed).parameters)
 
 
-def _read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):
-    """Task UDF: one input row per shard -> tables of decoded samples and skips."""
-    from t2i.data.embedded import shard_rows
-
-    _apply_env(env)
-    for url, index in zip(batch["url"].to_pylist(), batch["index"].to_pylist()):
-        yield from shard_rows(url, index, resolution, min_size, chunk_size)
+def run(args: argparse.Namespace) -> int:
+    r = embed(**{name: getattr(args, name) for name in OPTIONS})
+    print(job.summary_line(r["manifest"], r["shards"], r["seconds"], r["out"]))
+    return 0
 
 
-class _Encode:
-    """Actor UDF: the text encoder, loaded once per actor, applied chunk by chunk."""
+# ------------------------------------------------------------------------------------- Ray glue
 
-    def __init__(self, env: dict, spec: dict, batch_size: int, threads: int | None):
-        _apply_env(env)
-        import torch
-
-        from t2i.config import EncoderSpec, from_dict
-        from t2i.text import TextEncoder
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.encoder = TextEncoder(from_dict(EncoderSpec, spec), device="auto", batch_size=batch_size)
-
-    def __call__(self, table):
-        from t2i.data.embedded import encode_rows
-
-        return encode_rows(self.encoder, table)
-
-
-def _write(table, env: dict, out: str):
-    """Task UDF: write a batch's kept rows as one part; return its summary as a one-row table."""
-    import json
-
-    import pyarrow as pa
-
-    from t2i.data.embedded import write_rows
-
-    _apply_env(env)
-    s = write_rows(out, table)
-    key_hash, key_shard = s.pop("key_hash"), s.pop("key_shard")
-    return pa.table({"summary": [json.dumps(s)], "key_hash": pa.array([key_hash], pa.binary()),
-                     "key_shard": pa.array([key_shard], pa.binary())})
-
-
-# --------------------------------------------------------------------------------------- driver
-
-def connect(address: str | None) -> bool:
-    """Use the Ray already initialised in this process, else connect/start one; True if we did."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY") if k in os.environ}
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env}})
-    return True
-
-
-def plan_resources(cluster: dict, encoders: int | None, threads: int | None) -> dict:
+def plan_resources(cluster_resources: dict, encoders: int | None, threads: int | None) -> dict:
     """Encoder actors and CPU shares for the cluster.
 
     GPUs: one actor per GPU. Small CPU machines (<= 4 cores): one single-threaded actor per core.
@@ -129,8 +123,8 @@ def plan_resources(cluster: dict, encoders: int | None, threads: int | None) -> 
     requests keep room for the read and write tasks: whole-CPU actors on 2 cores leave none, and
     the job stalls without a word. Bigger machines: 4-thread actors on three quarters of the CPUs.
     """
-    cpus = float(cluster.get("CPU", 1))
-    gpus = int(cluster.get("GPU", 0))
+    cpus = float(cluster_resources.get("CPU", 1))
+    gpus = int(cluster_resources.get("GPU", 0))
     if gpus:
         n = encoders or gpus
         return {"encoders": n, "actor": {"num_gpus": 1, "num_cpus": 1.0 if cpus >= 2 * n else 0.5},
@@ -138,137 +132,31 @@ def plan_resources(cluster: dict, encoders: int | None, threads: int | None) -> 
     if cpus <= 4:
         n = encoders or max(1, int(cpus))
         return {"encoders": n, "actor": {"num_cpus": min(1.0, cpus / (2 * n))},
-                "threads": threads or max(1, int(cpus) // n),
-                "task_cpus": 0.25}
+                "threads": threads or max(1, int(cpus) // n), "task_cpus": 0.25}
     t = threads or 4
     n = encoders or max(1, int(cpus * 0.75) // t)
     return {"encoders": n, "actor": {"num_cpus": float(t)}, "threads": t, "task_cpus": 1.0}
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
-    from t2i import storage
-    from t2i.data.embedded import ERRORS, MANIFEST
-    from t2i.errors import T2IError
-
-    existing = storage.listdir(out)
-    if not existing:
-        return
-    if not overwrite:
-        raise T2IError(f"{storage.describe(out)}: output exists and is not empty (pass --overwrite to replace it)")
-    # The manifest goes first: if anything below fails, no reader takes the leftovers for a dataset.
-    names = {u.rstrip("/").rsplit("/", 1)[-1]: u for u in existing}
-    if MANIFEST in names:
-        storage.delete(names.pop(MANIFEST))
-    for name, url in names.items():
-        if name == ERRORS or (name.startswith("part-") and name.endswith(".parquet")):
-            storage.delete(url)
+def _read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):
+    """Task UDF: one input row per shard -> tables of decoded samples and skips."""
+    cluster.apply_env(env)
+    for url, index in zip(batch["url"].to_pylist(), batch["index"].to_pylist()):
+        yield from job.shard_rows(url, index, resolution, min_size, chunk_size)
 
 
-def _rows_per_part(args, resolution: int) -> int:
-    if args.rows_per_part:
-        return max(1, args.rows_per_part)
-    row = resolution * resolution * 3 + 16 * 1024  # image + a typical caption's token states
-    return int(min(16384, max(256, (64 << 20) // row)))
+class _Encode:
+    """Actor UDF: the text encoder, loaded once per actor, applied chunk by chunk."""
+
+    def __init__(self, env: dict, spec: dict, batch_size: int, threads: int | None):
+        cluster.apply_env(env)
+        self.encoder = job.load_encoder(spec, batch_size, threads)
+
+    def __call__(self, table):
+        return job.encode_rows(self.encoder, table)
 
 
-def _encoder_spec(args) -> dict:
-    from t2i.config import EncoderSpec, to_dict
-
-    return to_dict(EncoderSpec(name=args.encoder, kind=args.encoder_kind, hidden_layer=args.hidden_layer,
-                               max_tokens=args.max_tokens, prefix=args.prefix))
-
-
-def _check_args(args) -> None:
-    from t2i.errors import ConfigError
-
-    for opt in ("resolution", "max_tokens", "batch_size"):
-        if getattr(args, opt) < 1:
-            raise ConfigError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
-
-
-def _ray_error(e: Exception) -> Exception:
-    """The user-facing error inside a Ray failure (a T2IError raised in a task or actor), if any."""
-    from t2i.errors import T2IError
-
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, T2IError):
-            return T2IError(str(x))
-        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    text = str(e)
-    for marker in ("t2i.errors.StorageError: ", "t2i.errors.T2IError: ", "t2i.errors.ConfigError: ",
-                   "t2i.errors.IntegrityError: "):
-        if marker in text:
-            return T2IError(text.split(marker, 1)[1].splitlines()[0])
-    return e
-
-
-def run(args: argparse.Namespace) -> int:
-    import json
-
-    import ray
-
-    from t2i import storage
-    from t2i.data.embedded import Accumulator
-    from t2i.data.shards import expand_shards
-
-    _check_args(args)
-    urls = expand_shards(args.data)  # raises, naming the URL, when there are none
-    _prepare_out(args.out, args.overwrite)
-    spec = _encoder_spec(args)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        from t2i.text import resolve_encoder_path
-
-        resolve_encoder_path(args.encoder)  # fail here, in one line, rather than inside an actor
-    t_start = time.perf_counter()
-    started = connect(args.address)
-    try:
-        t_ready = time.perf_counter()
-        plan = plan_resources(ray.cluster_resources(), args.encoders, args.encoder_threads)
-        env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
-        log.info("embed: %d shards from %s -> %s; %d encoder actor(s) (%s), %d px, batch %d",
-                 len(urls), storage.describe(args.data), storage.describe(args.out), plan["encoders"],
-                 "GPU" if "num_gpus" in plan["actor"] else f"CPU, {plan['threads']} threads",
-                 args.resolution, args.batch_size)
-        ds = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)],
-                                 override_num_blocks=len(urls))
-        ds = ds.map_batches(_read_shards, fn_kwargs=dict(env=env, resolution=args.resolution, min_size=args.min_size,
-                                                          chunk_size=args.batch_size),
-                            batch_size=1, batch_format="pyarrow", num_cpus=plan["task_cpus"])
-        ds = ds.map_batches(_Encode, fn_constructor_args=(env, spec, args.batch_size, plan["threads"]),
-                            batch_size=None, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=plan["encoders"]), **plan["actor"])
-        ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=args.out), batch_size=_rows_per_part(args, args.resolution),
-                            batch_format="pyarrow", num_cpus=plan["task_cpus"])
-        acc = Accumulator(urls)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for s, h, k in zip(batch.column("summary").to_pylist(), batch.column("key_hash").to_pylist(),
-                                   batch.column("key_shard").to_pylist()):
-                    acc.add({**json.loads(s), "key_hash": h, "key_shard": k})
-        except Exception as e:
-            err = _ray_error(e)
-            if err is e:
-                raise
-            raise err from None
-        t_done = time.perf_counter()
-        manifest = acc.finish(args.out, data=storage.describe(args.data), resolution=args.resolution,
-                              encoder_fallback=spec,
-                              extra={"job": {"seconds": round(t_done - t_ready, 3),
-                                             "ray_startup_seconds": round(t_ready - t_start, 3),
-                                             "encoders": plan["encoders"], "batch_size": args.batch_size}})
-    finally:
-        if started:
-            ray.shutdown()
-    c = manifest["counts"]
-    secs = t_done - t_ready
-    reasons = ", ".join(f"{r} {n}" for r, n in c["skipped_by_reason"].items())
-    print(f"embed: {c['kept']} kept, {c['skipped']} skipped{' (' + reasons + ')' if reasons else ''} of "
-          f"{c['read']} samples from {len(urls)} shards in {secs:.1f} s ({c['read'] / max(secs, 1e-9):.0f} samples/s)"
-          f"; {c['truncated_captions']} captions truncated -> {storage.describe(args.out)}")
-    return 0
+def _write(table, env: dict, out: str):
+    """Task UDF: write a batch's kept rows as one part; its summary goes back as a one-row table."""
+    cluster.apply_env(env)
+    return job.summary_table(job.write_rows(out, table))

@@ -25,7 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
+
+# Ray-private (the one place t2i touches Ray Data internals; tests/test_rank_blocks.py pins it)
+from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry, RefBundle
+from ray.data.block import BlockAccessor
 from ray.data.iterator import DataIterator
 
 
@@ -75,10 +80,6 @@ class RankBlocks(DataIterator):
         return rank_ranges(self.sizes, self.seed, epoch, self.world)[self.rank]
 
     def _to_ref_bundle_iterator(self):
-        import ray
-        from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry, RefBundle
-        from ray.data.block import BlockAccessor
-
         pieces, self.epoch = self.pieces(self.epoch), self.epoch + 1
 
         def bundles():

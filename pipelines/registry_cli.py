@@ -32,23 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("alias", metavar="ALIAS", help="alias name ('latest' is implied and reserved)")
 
 
-def _table(rows: list[dict]) -> str:
-    cols = [("MODEL", "ref"), ("ALIASES", "aliases"), ("FAMILY", "family"), ("STEP", "step"),
-            ("DATASET", "dataset_digest"), ("CREATED", "created")]
-
-    def cell(row: dict, key: str) -> str:
-        v = row.get(key)
-        if key == "aliases":
-            return ",".join(v) or "-"
-        if key == "dataset_digest" and v:
-            return str(v)[:12]
-        return "-" if v is None else str(v)
-
-    cells = [[h for h, _ in cols]] + [[cell(r, k) for _, k in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
-
-
 def run(args: argparse.Namespace) -> int:
     reg = registry.Registry(args.registry)
     if args.registry_command == "list":
@@ -56,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         elif rows:
-            print(_table(rows))
+            print(registry.format_table(rows))
         else:
             print(f"no models in registry {reg.where}")
         return 0

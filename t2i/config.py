@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from t2i.errors import ConfigError
 
 T = TypeVar("T")
@@ -119,8 +121,6 @@ def load_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

@@ -190,7 +190,7 @@ def _csv_records(data: bytes, where: str) -> Iterator[Record]:
 
 
 def _parquet_records(data: bytes, where: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy, and only Parquet prompt files need it
 
     try:
         table = pq.read_table(io.BytesIO(data))

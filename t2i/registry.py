@@ -28,14 +28,13 @@ import json
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from t2i import checkpoint as ck
 from t2i import storage
 from t2i.errors import IntegrityError, StorageError, T2IError
-
-if TYPE_CHECKING:
-    import torch
 
 ENV = "T2I_REGISTRY"
 DEFAULT_URL = "~/.t2i/registry"
@@ -273,3 +272,21 @@ class Registry:
         tensors = ck.from_safetensors(raw[ck.EMA], storage.describe(storage.url_join(wurl, ck.EMA)))
         cfg, net = ck.build_network(config["model"], tensors, f"model '{card['ref']}'")
         return cfg, net.to(map_location), card
+
+
+def format_table(rows: list[dict]) -> str:
+    """`t2i registry list` as a plain-text table, one row per version."""
+    cols = [("MODEL", "ref"), ("ALIASES", "aliases"), ("FAMILY", "family"), ("STEP", "step"),
+            ("DATASET", "dataset_digest"), ("CREATED", "created")]
+
+    def cell(row: dict, key: str) -> str:
+        v = row.get(key)
+        if key == "aliases":
+            return ",".join(v) or "-"
+        if key == "dataset_digest" and v:
+            return str(v)[:12]
+        return "-" if v is None else str(v)
+
+    cells = [[h for h, _ in cols]] + [[cell(r, k) for _, k in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)

@@ -6,10 +6,9 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING
+import resource
 
-if TYPE_CHECKING:  # torch is imported lazily: the CLI and registry start without it
-    import torch
+import torch
 
 log = logging.getLogger("t2i")
 
@@ -27,8 +26,6 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        import torch
-
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -39,8 +36,6 @@ def setup_runtime(device: str = "auto", threads: int | None = None, precision: s
 
     precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "bf16" or "fp32".
     """
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -84,22 +79,8 @@ def seed_from(*parts: object) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def generator_for(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
-    import torch
-
-    g = torch.Generator(device=device)
-    g.manual_seed(seed_from(*parts))
-    return g
-
-
 def memory_mb(device: torch.device) -> float:
-    import torch
-
+    """Peak memory: allocated on a GPU, the process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except Exception:
-        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

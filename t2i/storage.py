@@ -12,6 +12,7 @@ import uuid
 from typing import Iterable
 
 import fsspec
+import pyarrow.fs as pafs
 
 from t2i.errors import StorageError
 
@@ -237,10 +238,12 @@ def glob(url: str) -> list[str]:
     return sorted(h if proto == "file" else f"{proto}://{h}" for h in hits)
 
 
-def pyarrow_fs(url: str):
-    """(pyarrow filesystem, path) for Parquet IO, built from the same environment as fsspec."""
-    import pyarrow.fs as pafs
+def pyarrow_fs(url: str, credentials: bool = False):
+    """(pyarrow filesystem, path) for Parquet IO, built from the same environment as fsspec.
 
+    credentials=True puts the S3 keys inside the filesystem object, for processes that do not share
+    this one's environment (Ray Train's controller, Ray Data's read tasks) and get it pickled.
+    """
     proto, path = split(url)
     if proto == "file":
         return pafs.LocalFileSystem(), path
@@ -253,11 +256,12 @@ def pyarrow_fs(url: str):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kw["region"] = region
+        if credentials and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
         return pafs.S3FileSystem(**kw), path
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     fs, p = filesystem(url)
-    return PyFileSystem(FSSpecHandler(fs)), p
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p
 
 
 def iter_files(url: str, suffixes: Iterable[str] = ()) -> list[str]:

@@ -13,9 +13,9 @@ from t2i import checkpoint as ck
 from t2i import storage
 from t2i.config import EncoderSpec, replace
 from t2i.errors import ConfigError, IntegrityError
-from t2i.models import get_preset
+from t2i.families import make_state, train_step
+from t2i.presets import get_preset
 from t2i.runtime import setup_runtime
-from t2i.train_step import make_state, train_step
 
 
 def state_for(preset: str, **model_overrides):

@@ -10,9 +10,11 @@ import pytest
 from PIL import Image, ImageFilter
 
 from pipelines import cli
+from pipelines.data import shapes as shapes_job
 from t2i import storage
-from t2i.data import readout, shapes, shards
+from t2i.data import shapes, shards
 from t2i.errors import ConfigError, T2IError
+from t2i.eval import attribute_accuracy, readout
 
 
 def test_captions_and_palette():
@@ -84,7 +86,7 @@ def test_prompts_list_every_seen_and_heldout_pair():
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_readout_is_at_least_99_percent_right_on_1000_images(resolution):
     images, _, attrs = shapes.make_arrays(1000, resolution, seed=1234)
-    acc = readout.accuracy(images, attrs)
+    acc = attribute_accuracy(images, attrs)
     print(f"readout at {resolution}px: {acc}")
     assert acc["all"] >= 0.99 and acc["n"] == 1000
 
@@ -94,7 +96,7 @@ def test_readout_is_right_on_every_seen_and_heldout_prompt():
     rows = shapes.prompts("seen", per_pair=5) + shapes.prompts("heldout", per_pair=5)
     images = [shapes.render(a["shape"], a["color"], a["bg"], 32, shapes.sample_geometry(rng, a["shape"]))
               for _, a in rows]
-    assert readout.accuracy(images, [a for _, a in rows])["all"] == 1.0
+    assert attribute_accuracy(images, [a for _, a in rows])["all"] == 1.0
 
 
 def degrade(img: np.ndarray, rng: np.random.Generator, blur: float, noise: float, shift: float) -> np.ndarray:
@@ -109,9 +111,9 @@ def test_readout_tolerates_blur_noise_and_colour_shift():
     images, _, attrs = shapes.make_arrays(300, 32, seed=99)
     rng = np.random.default_rng(0)
     soft = [degrade(im, rng, blur=1.0, noise=15, shift=8) for im in images]
-    assert readout.accuracy(soft, attrs)["all"] >= 0.97
+    assert attribute_accuracy(soft, attrs)["all"] >= 0.97
     blurry = [degrade(im, rng, blur=1.5, noise=5, shift=0) for im in images[:150]]
-    assert readout.accuracy(blurry, attrs[:150])["shape"] >= 0.95
+    assert attribute_accuracy(blurry, attrs[:150])["shape"] >= 0.95
 
 
 def test_readout_reads_any_resolution_and_rotation():
@@ -173,6 +175,18 @@ def test_write_shapes_to_s3(s3):
     assert [c for *_, c in read_set(s3)] == shapes.make_arrays(30, 32, seed=4)[1]
     with pytest.raises(T2IError, match=s3):
         shapes.write_shapes(s3, 30, 32)
+
+
+def test_shapes_api(tmp_path, capsys):
+    out = str(tmp_path / "api")
+    r = shapes_job(out, 12, resolution=16, shard_size=5, seed=3, holdout=[("circle", "red")], progress=False)
+    assert r["shards"] == shards.expand_shards(out) and len(r["shards"]) == 3 and r["num"] == 12
+    assert r["holdout"] == (("circle", "red"),) and capsys.readouterr().err == ""
+    assert [c for *_, c in read_set(out)] == shapes.make_arrays(12, 16, seed=3, holdout=r["holdout"])[1]
+    with pytest.raises(ConfigError, match="--num 0"):
+        shapes_job(out, 0)
+    with pytest.raises(T2IError, match="output exists"):
+        shapes_job(out, 12, resolution=16)
 
 
 def test_cli_data_shapes(tmp_path, capsys):

@@ -7,14 +7,18 @@ import argparse
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import embed as embed_job
+from pipelines.embed import embed
 from t2i import storage
+from t2i.data.embed import summary_line
 from t2i.data import embedded as E
-from t2i.data.shapes import encode_png, render, tar_bytes
+from t2i.data.shapes import encode_png, render, write_shapes
 from t2i.errors import T2IError
 
 RES = 16
@@ -23,6 +27,17 @@ RES = 16
 def _jpeg(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain ustar archive of (name, data) in exactly this order (faults need exact layouts)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -92,24 +107,17 @@ def fault_shards(root: str) -> tuple[list[str], dict]:
     return urls, expected
 
 
-def run_embed(argv: list[str]) -> int:
-    from pipelines import embed as job
-
-    parser = argparse.ArgumentParser()
-    job.add_arguments(parser)
-    return job.run(parser.parse_args(argv))
+def embed_tiny(data: str, out: str, encoder: str, kind: str = "encoder", **kw) -> dict:
+    kw = {"batch_size": 4, "encoders": 1, **kw}
+    return embed(data, out, encoder=encoder, encoder_kind=kind, resolution=RES, **kw)
 
 
-def embed(data: str, out: str, encoder: str, kind: str = "encoder", *extra: str) -> int:
-    return run_embed(["--data", data, "--out", out, "--encoder", encoder, "--encoder-kind", kind,
-                      "--resolution", str(RES), "--batch-size", "4", "--encoders", "1", *extra])
-
-
-def _check_faults(root: str, out: str, encoder: str, capsys) -> dict:
+def _check_faults(root: str, out: str, encoder: str) -> dict:
     urls, expected = fault_shards(root)
-    assert embed(root, out, encoder) == 0
-    summary = capsys.readouterr().out
+    r = embed_tiny(root, out, encoder)
+    summary = summary_line(r["manifest"], r["shards"], r["seconds"], r["out"])
     m = E.read_manifest(out)
+    assert r["manifest"] == m and r["shards"] == 4
     c = m["counts"]
     want_reasons: dict[str, int] = {}
     for _, _, reasons in expected.values():
@@ -138,12 +146,12 @@ def _check_faults(root: str, out: str, encoder: str, capsys) -> dict:
     return m
 
 
-def test_fault_accounting_local(ray_cluster, tiny_encoders, tmp_path, capsys):
-    _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"], capsys)
+def test_fault_accounting_local(ray_cluster, tiny_encoders, tmp_path):
+    _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"])
 
 
-def test_fault_accounting_s3(ray_cluster, tiny_encoders, s3, capsys):
-    m = _check_faults(f"{s3}/shards", f"{s3}/out", tiny_encoders["encoder"], capsys)
+def test_fault_accounting_s3(ray_cluster, tiny_encoders, s3):
+    m = _check_faults(f"{s3}/shards", f"{s3}/out", tiny_encoders["encoder"])
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     for name in (E.MANIFEST, E.ERRORS):
         assert secret not in storage.read_text(f"{s3}/out/{name}")
@@ -152,16 +160,13 @@ def test_fault_accounting_s3(ray_cluster, tiny_encoders, s3, capsys):
 
 def test_deterministic_rows_and_storage_efficiency(ray_cluster, tmp_path):
     """Bar 2: two runs give identical rows; bar 3: bytes on disk per kept sample, shapes + MiniLM."""
-    from t2i.data.shapes import write_shapes
-
     data = str(tmp_path / "shards")
     write_shapes(data, 90, 32, shard_size=30)
     outs = [str(tmp_path / "a"), str(tmp_path / "b")]
     # Different actor counts, encoder batches and part sizes: Ray groups rows differently, yet the
     # rows must not change. (The default encoder: the packaged all-MiniLM-L6-v2.)
-    assert run_embed(["--data", data, "--out", outs[0], "--resolution", "32", "--encoders", "1"]) == 0
-    assert run_embed(["--data", data, "--out", outs[1], "--resolution", "32", "--encoders", "2",
-                      "--encoder-threads", "1", "--rows-per-part", "7"]) == 0
+    embed(data, outs[0], resolution=32, encoders=1)
+    embed(data, outs[1], resolution=32, encoders=2, encoder_threads=1, rows_per_part=7)
     a, b = E.load_embedded(outs[0]), E.load_embedded(outs[1])
     assert len(a) == 90 and a.keys == b.keys == [f"{i:08d}" for i in range(90)]
     assert len(a.manifest["parts"]) < len(b.manifest["parts"])
@@ -182,23 +187,21 @@ def test_deterministic_rows_and_storage_efficiency(ray_cluster, tmp_path):
 
 def test_refusals(tiny_encoders, tmp_path):
     """Checked before any Ray work starts: nothing is written and no cluster is needed."""
-    from t2i.data.shapes import write_shapes
-
     data, out = str(tmp_path / "shards"), tmp_path / "out"
     write_shapes(data, 4, RES, shard_size=4)
     out.mkdir()
     (out / "manifest.json").write_text("{}")
     with pytest.raises(T2IError, match=f"{out}: output exists.*--overwrite"):
-        embed(data, str(out), tiny_encoders["t5"], "t5")
+        embed_tiny(data, str(out), tiny_encoders["t5"], "t5")
     assert os.listdir(out) == ["manifest.json"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(T2IError, match=f"{empty}: no shards"):
-        embed(str(empty), str(tmp_path / "out2"), tiny_encoders["t5"], "t5")
+        embed_tiny(str(empty), str(tmp_path / "out2"), tiny_encoders["t5"], "t5")
     with pytest.raises(T2IError, match="no-such-model"):
-        embed(data, str(tmp_path / "out3"), str(tmp_path / "no-such-model"))
+        embed_tiny(data, str(tmp_path / "out3"), str(tmp_path / "no-such-model"))
     with pytest.raises(T2IError, match="--batch-size"):
-        embed(data, str(tmp_path / "out4"), tiny_encoders["t5"], "t5", "--batch-size", "0")
+        embed_tiny(data, str(tmp_path / "out4"), tiny_encoders["t5"], "t5", batch_size=0)
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
 
 
@@ -210,7 +213,7 @@ def test_duplicate_keys_across_shards_and_overwrite(ray_cluster, tiny_encoders, 
     out.mkdir()
     for name in ("manifest.json", "errors.jsonl", "part-stale.parquet"):
         (out / name).write_text("old")
-    assert embed(root, str(out), tiny_encoders["t5"], "t5", "--overwrite") == 0
+    embed_tiny(root, str(out), tiny_encoders["t5"], "t5", overwrite=True)
     m = E.read_manifest(str(out))
     assert m["counts"]["skipped_by_reason"] == {"duplicate_key": 1} and m["counts"]["kept"] == 3
     assert [s["kept"] for s in m["shards"]] == [2, 1]
@@ -220,3 +223,28 @@ def test_duplicate_keys_across_shards_and_overwrite(ray_cluster, tiny_encoders, 
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["shard"].rsplit("/", 1)[-1], e["key"], e["reason"]) for e in errors] == [
         ("00001.tar", "k2", "duplicate_key")]
+
+
+def test_command_line_passes_every_flag_and_prints_one_line(monkeypatch, capsys):
+    """`t2i embed`'s argparse face: each flag reaches `embed()` under its own name; one summary line."""
+    seen = {}
+    manifest = {"counts": {"read": 10, "kept": 8, "skipped": 2, "skipped_by_reason": {"corrupt_image": 2},
+                           "truncated_captions": 1}}
+
+    def fake(data, out, **kw):
+        seen.update(data=data, out=out, **kw)
+        return {"manifest": manifest, "out": out, "shards": 3, "seconds": 2.0}
+
+    monkeypatch.setattr(embed_job, "embed", fake)
+    parser = argparse.ArgumentParser()
+    embed_job.add_arguments(parser)
+    args = parser.parse_args(["--data", "d/", "--out", "s3://b/o", "--encoder", "enc", "--encoder-kind", "t5",
+                              "--hidden-layer", "-2", "--prefix", "P: ", "--resolution", "24", "--max-tokens", "9",
+                              "--batch-size", "5", "--min-size", "3", "--encoders", "2", "--encoder-threads", "1",
+                              "--rows-per-part", "7", "--overwrite", "--address", "auto"])
+    assert embed_job.run(args) == 0
+    assert seen == {"data": "d/", "out": "s3://b/o", "encoder": "enc", "encoder_kind": "t5", "hidden_layer": -2,
+                    "prefix": "P: ", "resolution": 24, "max_tokens": 9, "batch_size": 5, "min_size": 3,
+                    "encoders": 2, "encoder_threads": 1, "rows_per_part": 7, "overwrite": True, "address": "auto"}
+    assert capsys.readouterr().out == ("embed: 8 kept, 2 skipped (corrupt_image 2) of 10 samples from 3 shards in "
+                                       "2.0 s (5 samples/s); 1 captions truncated -> s3://b/o\n")

@@ -10,7 +10,10 @@ import pyarrow as pa
 import pytest
 
 from t2i import storage
+from t2i.config import EncoderSpec
+from t2i.data import embed as J
 from t2i.data import embedded as E
+from t2i.data.shapes import write_shapes
 from t2i.errors import IntegrityError, T2IError
 
 R, D = 8, 16
@@ -161,25 +164,53 @@ def test_roundtrip_s3(s3):
 def test_stages_without_ray(tiny_encoders, tmp_path):
     """The embed job's stage functions, run in one process: chunks never straddle tables, and the
     result does not depend on how rows are grouped into tables or parts."""
-    from t2i.config import EncoderSpec
-    from t2i.data.shapes import write_shapes
-    from t2i.text import TextEncoder
-
     shards = write_shapes(str(tmp_path / "shards"), 45, 8, shard_size=15)
-    enc = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"]), batch_size=8)
+    enc = J.load_encoder(J.encoder_spec(tiny_encoders["encoder"]), batch_size=8, device="cpu")
     digests = []
     for rows_per_table, per_part in ((10, 1), (1000, 3)):
         out = str(tmp_path / f"out{rows_per_table}")
-        acc = E.Accumulator(shards)
-        tables = [t for i, u in enumerate(shards) for t in E.shard_rows(u, i, 8, chunk_size=8,
+        acc = J.Accumulator(shards)
+        tables = [t for i, u in enumerate(shards) for t in J.shard_rows(u, i, 8, chunk_size=8,
                                                                           rows_per_table=rows_per_table)]
         chunks = [t.column("chunk").to_pylist() for t in tables]
         for a, b in zip(chunks, chunks[1:]):
             assert not set(a) & set(b)  # a chunk lives in one table only
-        encoded = [E.encode_rows(enc, t) for t in tables]
+        encoded = [J.encode_rows(enc, t) for t in tables]
         for i in range(0, len(encoded), per_part):
-            acc.add(E.write_rows(out, pa.concat_tables(encoded[i:i + per_part])))
+            summary = J.write_rows(out, pa.concat_tables(encoded[i:i + per_part]))
+            # The one-row table the Ray job carries summaries in gives back the same summary.
+            (back,) = J.read_summaries(J.summary_table(summary))
+            assert back == summary
+            acc.add(back)
         m = acc.finish(out, data="shards", resolution=8)
         assert m["counts"]["kept"] == 45 and m["encoder"]["dim"] == enc.dim
         digests.append(m["digest"])
     assert digests[0] == digests[1]
+
+
+def test_write_arrays_is_the_embed_format(tmp_path):
+    """In-memory arrays -> the same dataset (rows, digest) as the part/manifest writers by hand."""
+    keys = [f"{i:08d}" for i in range(11)]
+    table, ref = _rows(keys, seed=5)
+    spec = EncoderSpec(name="enc", dim=D, revision="abc")
+    m = E.write_arrays(str(tmp_path / "a"), images=ref["images"], captions=[f"caption {k}" for k in keys],
+                       tokens=ref["tokens"], pooled=ref["pooled"], encoder=spec, rows_per_part=4,
+                       sources=[f"shard.tar#{k}" for k in keys], data="shard.tar")
+    assert len(m["parts"]) == 3 and m["counts"]["kept"] == m["counts"]["read"] == 11
+    assert m["encoder"]["dim"] == D and m["image"]["resolution"] == R and m["shards"][0]["url"] == "shard.tar"
+    assert sorted(os.listdir(tmp_path / "a")) == sorted([E.ERRORS, E.MANIFEST] + [p["name"] for p in m["parts"]])
+    by_hand = [E.write_part(str(tmp_path / "b"), table)]
+    want = E.finalize_manifest(encoder=m["encoder"], resolution=R, parts=by_hand, truncated_captions=0,
+                               data="shard.tar", shards=[{"url": "shard.tar", "read": 11, "kept": 11, "skipped": {}}])
+    assert m["digest"] == want["digest"]
+    emb = E.load_embedded(str(tmp_path / "a"))
+    assert emb.keys == keys and emb.manifest == m
+    np.testing.assert_array_equal(emb.images, ref["images"])
+    assert all(np.array_equal(a, b) for a, b in zip(emb.tokens, ref["tokens"]))
+    # Default keys are the shapes set's; default sources name `data`.
+    m2 = E.write_arrays(str(tmp_path / "c"), images=ref["images"][:2], captions=["x", "y"], tokens=ref["tokens"][:2],
+                        pooled=ref["pooled"][:2], encoder=m["encoder"])
+    assert E.load_embedded(str(tmp_path / "c")).keys == ["00000000", "00000001"] and m2["data"] == "memory"
+    with pytest.raises(T2IError, match="3 captions"):
+        E.write_arrays(str(tmp_path / "d"), images=ref["images"][:2], captions=["x", "y", "z"],
+                       tokens=ref["tokens"][:2], pooled=ref["pooled"][:2], encoder=spec)

@@ -8,10 +8,13 @@ import torch
 
 from t2i.config import replace
 from t2i.data.batching import collate_features
-from t2i.models.flow import MODELS, FlowConfig, FlowDiT
+from t2i.errors import ConfigError
+from t2i.families import make_state, train_step
+from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.presets import PRESETS, get_preset
 from t2i.runtime import setup_runtime
 from t2i.sampling import flow_sample, flow_times, generate, row_noise
-from t2i.train_step import flow_noise, make_state, train_step
+from t2i.train.flow import flow_noise
 
 D = 32  # text dim of the tiny test features
 
@@ -177,7 +180,7 @@ def _overfit_batch(B: int, R: int, text_dim: int):
 
 
 def test_flow_debug_overfits_16_samples():
-    preset = MODELS["flow-debug"]()
+    preset = get_preset("flow-debug")
     cfg, tc = preset.model, preset.train
     state = make_state(cfg, tc, setup_runtime("cpu"))
     batch = _overfit_batch(16, cfg.resolution, cfg.text_dim)
@@ -195,7 +198,7 @@ def test_train_step_through_ddp():
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from t2i.train_step import unwrap
+    from t2i.train.state import unwrap
 
     if dist.is_initialized():
         pytest.skip("a process group already exists")
@@ -203,7 +206,7 @@ def test_train_step_through_ddp():
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         cfg = tiny_cfg(caption_dropout=0.5)
-        preset_train = MODELS["flow-debug"]().train
+        preset_train = get_preset("flow-debug").train
         state = make_state(cfg, replace(preset_train, steps=3), setup_runtime("cpu"))
         state.modules["model"] = DDP(state.modules["model"])
         batch = _overfit_batch(4, cfg.resolution, cfg.text_dim)
@@ -215,9 +218,9 @@ def test_train_step_through_ddp():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("flow")))
 def test_presets_build(name):
-    preset = MODELS[name]()
+    preset = get_preset(name)
     assert preset.model.family == "flow" and preset.model.resolution % preset.model.patch == 0
     if name in ("flow-debug", "flow-s"):
         m = FlowDiT(preset.model)
@@ -228,7 +231,7 @@ def test_presets_build(name):
 
 
 def test_config_rejects_bad_geometry():
-    with pytest.raises(ValueError, match="multiple of patch"):
+    with pytest.raises(ConfigError, match="multiple of patch"):
         FlowConfig(resolution=30, patch=4)
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(ConfigError, match="sampler"):
         FlowConfig(sampler="rk4")

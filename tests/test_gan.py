@@ -19,11 +19,13 @@ import torch
 
 from t2i.config import replace
 from t2i.errors import ConfigError
-from t2i.models import build_model
-from t2i.models.gan import MODELS, CrossAttention, Discriminator, GANConfig, Generator
+from t2i.families import train_step
+from t2i.models.gan import CrossAttention, Discriminator, GANConfig, Generator
+from t2i.presets import PRESETS, get_preset
 from t2i.runtime import setup_runtime
 from t2i.sampling import gan_sample, row_noise
-from t2i.train_step import gan_noise, gan_train_step, images_to_tensor, make_gan_state, train_step
+from t2i.train.gan import gan_noise, gan_train_step, make_gan_state
+from t2i.train.state import images_to_tensor
 
 PALETTE = np.array([(220, 35, 35), (40, 165, 60), (30, 100, 235), (245, 215, 35), (150, 40, 165),
                     (245, 135, 25), (245, 245, 245), (20, 20, 20)], np.uint8)
@@ -65,15 +67,17 @@ def rt():
 
 @pytest.fixture(scope="module")
 def debug():
-    return MODELS["gan-debug"]()
+    return get_preset("gan-debug")
 
 
 def test_presets_build_and_validate():
-    for name, fn in MODELS.items():
-        p = fn()
+    for name, p in PRESETS.items():
+        if not name.startswith("gan"):
+            continue
         assert p.model.family == "gan" and p.model.text_dim == 384, name
         assert len(p.model.g_widths) == len(p.model.stage_res), name
-    G, D = build_model(MODELS["gan-b"]().model)
+    cfg_b = get_preset("gan-b").model
+    G, D = Generator(cfg_b), Discriminator(cfg_b)
     assert isinstance(G, Generator) and isinstance(D, Discriminator)
     with pytest.raises(ConfigError, match="g_widths"):
         GANConfig(resolution=32, shuffle=1, g_widths=(64, 64, 32), d_widths=(32, 64, 64, 64))
@@ -85,7 +89,7 @@ def test_presets_build_and_validate():
 
 @pytest.mark.parametrize("name", ["gan-debug", "gan-s"])
 def test_generator_shape_and_range(name):
-    cfg = MODELS[name]().model
+    cfg = get_preset(name).model
     G, D = Generator(cfg), Discriminator(cfg)
     b = toy_batch(3, cfg.resolution, cfg.text_dim)
     z = torch.randn(3, cfg.z_dim) * 3  # far into the tails still gives valid pixels
@@ -212,7 +216,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        p = MODELS["gan-debug"]()
+        p = get_preset("gan-debug")
         cfg = replace(p.model, match_weight=0.0, g_match_weight=0.0)  # the matching pairs are drawn within a rank
         st = make_gan_state(cfg, p.train, setup_runtime("cpu"))
         st.modules = {k: DDP(m) for k, m in st.modules.items()}
@@ -236,7 +240,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, rt):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
-    p = MODELS["gan-debug"]()
+    p = get_preset("gan-debug")
     st = make_gan_state(replace(p.model, match_weight=0.0, g_match_weight=0.0), p.train, rt)
     gan_train_step(st, toy_batch(8, p.model.resolution, p.model.text_dim))
     for k in ("G", "D"):

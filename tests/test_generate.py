@@ -1,7 +1,9 @@
-"""`t2i generate` on the real local Ray cluster: deterministic bytes, kill-and-rerun, hostile prompts."""
+"""`t2i generate` (t2i.generate, and its Ray job pipelines.generate on the real local Ray cluster):
+deterministic bytes, kill-and-rerun, hostile prompts."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,19 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from pipelines import generate as gen
-from pipelines.cli import build_parser
+from pipelines import cluster
+from pipelines import generate as ray_gen
 from pipelines.cli import main as cli
 from t2i import checkpoint as ck
+from t2i import generate as gen
 from t2i import storage
 from t2i.config import EncoderSpec, replace
+from t2i.data import shapes
 from t2i.errors import T2IError
-from t2i.models import get_preset
+from t2i.eval import score_generated
+from t2i.families import make_state
+from t2i.presets import get_preset
 from t2i.registry import Registry
 from t2i.runtime import setup_runtime
 from t2i.text import TextEncoder
-from t2i.train_step import make_state
 
 REPO = Path(__file__).resolve().parent.parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -65,9 +72,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def generate(*argv: str) -> int:
-    args = build_parser().parse_args(["generate", *argv])
-    return args._run(args)
 
 
 def images(out: str) -> dict[str, bytes]:
@@ -85,24 +89,30 @@ def test_png_record_round_trip():
     assert data == gen.png_bytes(img, meta)  # deterministic bytes
     assert gen.png_meta(data) == meta
     assert gen.png_meta(data[:200]) is None  # a head cut before the record is not misread
-    from PIL import Image
-    import io
-
     assert (np.asarray(Image.open(io.BytesIO(data))) == img).all()
 
 
 def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_path, model="flow"):
-    """Bar 1: 40 prompts, batch 4 on 1 actor vs batch 16 on 2 actors -> identical PNG bytes."""
+    """Bar 1: 40 prompts, batch 4 on 1 actor vs batch 16 on 2 actors vs batch 7 in this process
+    (t2i.generate without Ray, one thread as the CPU actors run) -> identical PNG bytes."""
     prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(40))
     outs = {}
     for bs, actors in ((4, 1), (16, 2)):
         out = str(tmp_path / f"out-{bs}-{actors}")
-        assert generate("--model", model, "--registry", registry, "--prompts", prompts, "--out", out,
-                        "--batch-size", str(bs), "--actors", str(actors)) == 0
+        s = ray_gen.generate(model, prompts, out, registry=registry, batch_size=bs, actors=actors)
+        assert (s["written"], s["existing"], s["errors"], s["images"]) == (40, 0, 0, 40)
         outs[(bs, actors)] = images(out)
+    threads = torch.get_num_threads()
+    try:
+        s = gen.generate(model, prompts, str(tmp_path / "out-local"), registry=registry,
+                         make=gen.local_maker(7, device="cpu", threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert (s["written"], s["images"]) == (40, 40) and s["images_per_s"] > 0
     a, b = outs.values()
     assert len(a) == 40 and sorted(a) == sorted(b)
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    assert images(str(tmp_path / "out-local")) == a
     # different seeds/ids really give different images (the check above is not vacuous)
     assert len(set(a.values())) == 40
     rows = manifest(str(tmp_path / "out-4-1"))
@@ -112,8 +122,6 @@ def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_pa
 
 def test_gan_images_do_not_depend_on_batching(registry, tmp_path):
     """The actor's own code without Ray: same pixels for any batch size, any batch composition."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         maker = gen.ImageMaker(registry, "gan:1", gen.model_digest(Registry(registry).resolve("gan")),
@@ -131,7 +139,7 @@ def _check_batching(maker):
         got = {}
         for b in range(0, len(order), bs):
             idx = order[b:b + bs]
-            maker._cache.clear()  # encode afresh, in this batch's company
+            maker.cache.clear()  # encode afresh, in this batch's company
             out = maker.images([ids[i] for i in idx], [prompts[i] for i in idx], [seeds[i] for i in idx])
             got.update({ids[i]: img for i, img in zip(idx, out)})
         return got
@@ -157,6 +165,7 @@ def test_kill_driver_and_rerun_on_s3(ray_cluster, registry, s3, tmp_path):
     out = f"{s3}/gen"
     argv = ["--model", "flow", "--registry", registry, "--prompts", prompts, "--out", out,
             "--batch-size", "2", "--actors", "1", "--steps", "16"]
+    kwargs = {"registry": registry, "batch_size": 2, "actors": 1, "steps": 16}
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "driver.log", "wb")
@@ -174,7 +183,8 @@ def test_kill_driver_and_rerun_on_s3(ray_cluster, registry, s3, tmp_path):
     assert 6 <= len(first) < n, len(first)
     assert not storage.exists(f"{out}/manifest.json")  # a killed run leaves no manifest
 
-    assert generate(*argv) == 0
+    s = ray_gen.generate("flow", prompts, out, **kwargs)
+    assert s["written"] + s["existing"] == n and s["existing"] >= len(first) and s["images"] == n
     after = _etags(out)
     assert len(after) == n and sorted(after) == sorted(f"p{i:03d}.png" for i in range(n))
     assert {k: after[k] for k in first} == first  # first-run files untouched (same ETag and mtime)
@@ -185,7 +195,8 @@ def test_kill_driver_and_rerun_on_s3(ray_cluster, registry, s3, tmp_path):
     assert summary["images"] == n and summary["model"] == "flow:1" and summary["steps"] == 16
 
     # a third run has nothing to do and rewrites nothing
-    assert generate(*argv) == 0
+    s = ray_gen.generate("flow", prompts, out, **kwargs)
+    assert (s["written"], s["existing"], s["images"]) == (0, n, n)
     assert _etags(out) == after
 
 
@@ -201,8 +212,8 @@ def test_hostile_prompt_file(ray_cluster, registry, tmp_path):
              json.dumps({"prompt": "no id, row 12"}).encode(), json.dumps(good[4]).encode()]
     (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
-    assert generate("--model", "gan", "--registry", registry, "--prompts", str(tmp_path / "p.jsonl"),
-                    "--out", str(out), "--batch-size", "3", "--grid") == 0
+    s = ray_gen.generate("gan", str(tmp_path / "p.jsonl"), str(out), registry=registry, batch_size=3, grid=True)
+    assert (s["written"], s["errors"], s["images"]) == (6, 7, 6) and s["grid"].endswith("grid.png")
     made = sorted(p.name for p in (out / "images").iterdir())
     assert made == ["000012.png", "p000.png", "p001.png", "p002.png", "p003.png", "p004.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.jsonl"]  # nothing escaped out/
@@ -231,16 +242,33 @@ def test_rerun_with_other_settings_is_refused_and_manifest_rebuilds_from_pngs(re
         rec = gen.record(r["id"], r["prompt"], r["seed"], "gan:1", digest, None, None)
         assert storage.create_only(gen.image_url(str(out), r["id"]), gen.png_bytes(img, rec))
     before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    assert generate("--model", "gan", "--registry", registry, "--prompts", prompts, "--out", str(out)) == 0
+    s = ray_gen.generate("gan", prompts, str(out), registry=registry)
+    assert (s["written"], s["existing"], s["images"]) == (0, 3, 3)
     got = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["id"], r["prompt"], r["seed"], r["model"]) for r in got] == [
         (r["id"], r["prompt"], r["seed"], "gan:1") for r in rows]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
 
     with pytest.raises(T2IError, match=r"holds images from gan:1 with seed=0; this run asks for gan:1 with seed=5"):
-        generate("--model", "gan", "--registry", registry, "--prompts", prompts, "--out", str(out), "--seed", "5")
+        ray_gen.generate("gan", prompts, str(out), registry=registry, seed=5)
     with pytest.raises(T2IError, match=r"holds images from gan:1 with digest="):
-        generate("--model", "flow", "--registry", registry, "--prompts", prompts, "--out", str(out))
+        ray_gen.generate("flow", prompts, str(out), registry=registry)
+
+
+def test_score_generated_per_split(tmp_path):
+    """The demo's score: a generate output directory against {id: split + attributes}."""
+    rng = np.random.default_rng(0)
+    expected = {}
+    want = [("seen", "circle", "red", "blue"), ("seen", "square", "green", "white"),
+            ("heldout", "triangle", "yellow", "black"), ("heldout", "square", "blue", "orange")]
+    for i, (split, shape, colour, bg) in enumerate(want):
+        img = shapes.render(shape, colour, bg, 32, shapes.sample_geometry(rng, shape))
+        rec = gen.record(f"x{i}", "", 0, "m:1", "0" * 64, None, None)
+        assert storage.create_only(gen.image_url(str(tmp_path), f"x{i}"), gen.png_bytes(img, rec))
+        expected[f"x{i}"] = {"split": split, "shape": shape, "color": colour, "bg": bg}
+    assert score_generated(str(tmp_path), expected) == {"seen": 1.0, "heldout": 1.0}
+    expected["x3"] = {**expected["x3"], "color": "red"}  # the image shows blue
+    assert score_generated(str(tmp_path), expected) == {"seen": 1.0, "heldout": 0.5}
 
 
 def test_unknown_model_is_one_line_error(registry, tmp_path, capsys):
@@ -252,14 +280,26 @@ def test_unknown_model_is_one_line_error(registry, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cluster,actors,expect", [
+def test_cli_prints_one_summary_line(registry, tmp_path, capsys):
+    """`t2i generate` on a finished directory: no Ray, one line saying what is there."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(3))
+    out = str(tmp_path / "out")
+    gen.generate("gan", prompts, out, registry=registry, make=gen.local_maker(2, device="cpu"))
+    assert cli(["generate", "--model", "gan", "--registry", registry, "--prompts", prompts, "--out", out,
+                "--grid"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("generate: 0 written (0.00 images/s), 3 already there, 0 bad prompt rows (errors.jsonl) -> ")
+    assert line.endswith(" s]") and "[3 images in manifest, grid.png; " in line and "\n" not in line
+
+
+@pytest.mark.parametrize("resources,actors,expect", [
     ({"CPU": 2.0}, None, {"actors": 2, "device": "cpu", "threads": 1, "resources": {"num_cpus": 0.75}}),
     ({"CPU": 2.0}, 1, {"actors": 1, "device": "cpu", "threads": 1, "resources": {"num_cpus": 1.0}}),
     ({"CPU": 16.0, "GPU": 2.0}, None, {"actors": 2, "device": "cuda", "threads": None,
                                        "resources": {"num_gpus": 1, "num_cpus": 1}}),
 ])
-def test_plan_resources(cluster, actors, expect):
-    assert gen.plan_resources(cluster, actors) == expect
+def test_plan_actors(resources, actors, expect):
+    assert gen.plan_actors(resources, actors) == expect
 
 
 def test_user_error_found_behind_ray_failures():
@@ -270,9 +310,9 @@ def test_user_error_found_behind_ray_failures():
         except T2IError as inner:
             raise RuntimeError("task failed") from inner
     except RuntimeError as e:
-        assert str(gen.user_error(e)) == "text encoder /x: no such model directory"
+        assert str(cluster.user_error(e)) == "text encoder /x: no such model directory"
     text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...).__init__()\n"
             '  File "t2i/text/encoder.py", line 100, in resolve_encoder_path\n'
             "t2i.errors.T2IError: text encoder /x: no such model directory")
-    assert str(gen.user_error(Exception(text))) == "text encoder /x: no such model directory"
-    assert gen.user_error(Exception("segfault\nValueError: boom")) is None
+    assert str(cluster.user_error(Exception(text))) == "text encoder /x: no such model directory"
+    assert cluster.user_error(Exception("segfault\nValueError: boom")) is None

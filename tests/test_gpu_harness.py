@@ -23,11 +23,12 @@ def test_flow_flop_formula_matches_counter(preset, options):
     from torch.utils.flop_counter import FlopCounterMode
 
     from t2i.config import replace
-    from t2i.models import build_model, get_preset
+    from t2i.models.flow import FlowDiT
+    from t2i.presets import get_preset
 
     cfg = get_preset(preset).model
     cfg = replace(cfg, **options)
-    model = build_model(cfg).eval()
+    model = FlowDiT(cfg).eval()
     B, L = 2, 12
     x = torch.randn(B, 3, cfg.resolution, cfg.resolution)
     args = (x, torch.rand(B), torch.randn(B, L, cfg.text_dim), torch.ones(B, L, dtype=torch.bool),

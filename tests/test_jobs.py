@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, free_port_range
+from pipelines.data import shapes
 
 BIN = Path(sys.executable).parent
 
@@ -88,10 +89,7 @@ def _submit(address, env, *entry, cwd=REPO, timeout=600):
 def test_embed_runs_under_ray_job_submit(ray_head, tmp_path, tiny_encoders):
     address, env = ray_head
     shards, out = tmp_path / "shards", tmp_path / "embedded"
-    from pipelines.cli import main
-
-    assert main(["data", "shapes", "--out", str(shards), "--num", "48", "--resolution", "16",
-                 "--shard-size", "16"]) == 0
+    assert len(shapes(str(shards), 48, resolution=16, shard_size=16)["shards"]) == 3
     job_dir = tmp_path / "job"  # a small working dir: the entry point is the installed `t2i` command
     job_dir.mkdir()
     r = _submit(address, env, "t2i", "embed", "--data", str(shards), "--out", str(out),

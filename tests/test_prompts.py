@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from t2i import storage
 from t2i.errors import T2IError
 from t2i.prompts import MAX_ID_CHARS, MAX_PROMPT_CHARS, id_problem, read_prompts
 
@@ -102,10 +104,6 @@ def test_parquet(tmp_path):
 
 
 def test_parquet_on_s3(s3):
-    import io
-
-    from t2i import storage
-
     buf = io.BytesIO()
     pq.write_table(pa.table({"prompt": ["a red circle", ""]}), buf)
     storage.write_bytes(f"{s3}/p.parquet", buf.getvalue())

@@ -17,10 +17,10 @@ from t2i import checkpoint as ck
 from t2i import storage
 from t2i.config import EncoderSpec, replace
 from t2i.errors import IntegrityError, T2IError
-from t2i.models import get_preset
+from t2i.families import make_state
+from t2i.presets import get_preset
 from t2i.registry import ModelRef, Registry, parse_ref
 from t2i.runtime import setup_runtime
-from t2i.train_step import make_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from t2i.config import ConfigError, replace
-from t2i.data.batching import collate_features, sample_seeds
-from t2i.distributed import rows_to_batch
+from t2i.checkpoint import load_weights
+from t2i.config import ConfigError, replace, to_dict
+from t2i.data.batching import collate_features, rows_to_batch, sample_seeds
 from t2i.eval import attribute_accuracy, contact_sheet
-from t2i.models import build_model, config_from_dict, get_preset
-from t2i.models.flow import MODELS
-from t2i.train_local import ArrayData, EvalPrompts, index_stream, parse_overrides, train_local
+from t2i.presets import get_preset
+from t2i.registry import Registry
+from t2i.sampling import generate
+from t2i.train.local import ArrayData, index_stream, parse_overrides, train_local
+from t2i.train.loop import EvalPrompts
 
 
 def tiny_data(n: int, res: int, dim: int, seed: int = 0) -> ArrayData:
@@ -50,24 +51,41 @@ def test_local_run_writes_metrics_grids_and_weights(tmp_path, name):
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["family"] == preset.model.family and config["train"]["steps"] == 6
-    built = build_model(config_from_dict(config["model"]))
-    model = built[0] if isinstance(built, tuple) else built  # GAN: the generator is what samples
-    model.load_state_dict(load_file(tmp_path / "ema.safetensors"), strict=True)
+    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "step_000006")
+    _, model, meta = load_weights(summary["checkpoint"])  # a real checkpoint, digests checked
+    assert meta["step"] == 6
     for k, v in model.state_dict().items():
         assert torch.equal(v, state.ema.state_dict()[k]), k
 
 
+def test_local_checkpoint_registers_and_generates(tmp_path):
+    """One loop, one checkpoint format: what the local run writes goes into the registry and samples."""
+    preset = get_preset("flow-debug")
+    tc = replace(preset.train, steps=2, batch_size=4, log_every=1)
+    data = tiny_data(8, preset.model.resolution, preset.model.text_dim)
+    state, summary = train_local(preset.model, tc, data, str(tmp_path / "run"), device="cpu",
+                                 encoder_spec={"name": "tiny", "dim": preset.model.text_dim})
+    reg = Registry(str(tmp_path / "registry"))
+    ref = reg.register("local-flow", summary["checkpoint"])
+    cfg, net, card = reg.load(ref)
+    assert card["model"] == to_dict(preset.model) and card["encoder"]["name"] == "tiny"
+    tokens, mask, pooled = collate_features(data.tokens[:2], data.pooled[:2])
+    a = generate(net, cfg, tokens, mask, pooled, [0, 0], ["a", "b"], steps=2)
+    b = generate(state.ema, state.model_cfg, tokens, mask, pooled, [0, 0], ["a", "b"], steps=2)
+    assert a.shape == (2, cfg.resolution, cfg.resolution, 3) and torch.equal(a, b)
+
+
 def test_time_budget_stops_the_run(tmp_path):
-    preset = MODELS["flow-debug"]()
+    preset = get_preset("flow-debug")
     tc = replace(preset.train, steps=10_000, batch_size=2, log_every=1)
     data = tiny_data(4, preset.model.resolution, preset.model.text_dim)
     _, summary = train_local(preset.model, tc, data, str(tmp_path), max_seconds=0.5, device="cpu")
     assert summary["stopped_early"] and 0 < summary["steps"] < 10_000
-    assert (tmp_path / "ema.safetensors").exists()
+    assert (tmp_path / "checkpoints" / f"step_{summary['steps']:06d}" / "digests.json").exists()
 
 
 def test_same_seed_same_run(tmp_path):
-    preset = MODELS["flow-debug"]()
+    preset = get_preset("flow-debug")
     tc = replace(preset.train, steps=3, batch_size=3)
     data = tiny_data(5, preset.model.resolution, preset.model.text_dim)
     a, _ = train_local(preset.model, tc, data, str(tmp_path / "a"), device="cpu")
@@ -160,7 +178,7 @@ def test_contact_sheet_and_attribute_accuracy():
 
 
 def test_command_line_run_on_shapes(tmp_path, tiny_encoders, capsys):
-    from t2i.train_local import main
+    from t2i.train.local import main
 
     out = tmp_path / "run"
     rc = main(["--model", "flow-debug", "--out", str(out), "--num", "24", "--steps", "2", "--batch-size", "4",

@@ -4,7 +4,6 @@ around it (job resolution, batches, run files, state fingerprints) without a clu
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from t2i.config import EncoderSpec, to_dict
 from t2i.data import embedded as E
 from t2i.data import shapes
 from t2i.errors import ConfigError, T2IError
+from t2i.train.run import EVAL_PROMPTS, JobConfig, dataset_prompts, make_job, resolve_model, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 RES = 16
@@ -37,27 +37,14 @@ def make_embedded(url: str, encoder_path: str, num: int = 256, parts: int = 2) -
     images, captions, _ = shapes.make_arrays(num, RES, seed=0)
     enc = TextEncoder(EncoderSpec(name=encoder_path, kind="encoder", max_tokens=16))
     out = enc.encode(captions)
-    keys = [f"s{i:05d}" for i in range(num)]
-    table = E.make_table(keys, captions, [im.tobytes() for im in images], [t.tobytes() for t in out.tokens],
-                         out.lengths.tolist(), [p.tobytes() for p in out.pooled], [f"mem#{k}" for k in keys])
-    size = -(-num // parts)
-    entries = [E.write_part(url, table.slice(i, size)) for i in range(0, num, size)]
-    manifest = E.finalize_manifest(encoder=to_dict(enc.spec), resolution=RES, parts=entries,
-                                   shards=[{"url": "mem", "read": num, "kept": num, "skipped": {}}],
-                                   truncated_captions=0, data="mem")
-    E.write_manifest(url, manifest)
-    return manifest
+    return E.write_arrays(url, images=images, captions=captions, tokens=out.tokens, pooled=out.pooled,
+                          encoder=to_dict(enc.spec), keys=[f"s{i:05d}" for i in range(num)],
+                          rows_per_part=-(-num // parts), data="mem")
 
 
-def _args(**kw) -> argparse.Namespace:
-    from pipelines import train
-
-    p = argparse.ArgumentParser()
-    train.add_arguments(p)
-    argv = []
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    return p.parse_args(argv)
+def _job(config=None, **kw) -> JobConfig:
+    return make_job(None if config is None else str(config), **{k: str(v) if isinstance(v, Path) else v
+                                                               for k, v in kw.items()})
 
 
 def _lines(url: str) -> list[dict]:
@@ -75,36 +62,36 @@ def test_job_file_flags_and_refusals(tmp_path, tiny_encoders):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump({"data": data, "model": "flow-debug", "out": str(tmp_path / "run"),
                                         "workers": 4, "train": {"steps": 7, "batch_size": 8}}))
-    job = train.resolve_job(_args(config=job_file, workers=2, steps=9))
+    job = _job(config=job_file, workers=2, steps=9)
     assert (job.workers, job.train["steps"], job.train["batch_size"]) == (2, 9, 8)  # flags win over the file
-    model_cfg, train_cfg = train.resolve_model(job, manifest)
+    model_cfg, train_cfg = resolve_model(job, manifest)
     assert model_cfg.text_dim == manifest["encoder"]["dim"] == 64 and train_cfg.steps == 9
 
     job_file.write_text(yaml.safe_dump({"data": data, "model": "flow-debug", "out": "x", "wokers": 2}))
     with pytest.raises(ConfigError, match="'wokers'"):
-        train.resolve_job(_args(config=job_file))
+        _job(config=job_file)
     with pytest.raises(ConfigError, match="--out is required"):
-        train.resolve_job(_args(data=data, model="flow-debug"))
+        _job(data=data, model="flow-debug")
     base = dict(data=data, out=tmp_path / "r")
     with pytest.raises(ConfigError, match="16 px images but gan-s trains at 32 px"):
-        train.resolve_model(train.resolve_job(_args(model="gan-s", **base)), manifest)
+        resolve_model(_job(model="gan-s", **base), manifest)
     with pytest.raises(ConfigError, match="--batch-size 16 is not divisible by --workers 3"):
-        train.resolve_model(train.resolve_job(_args(model="flow-debug", workers=3, batch_size=16, **base)), manifest)
+        resolve_model(_job(model="flow-debug", workers=3, batch_size=16, **base), manifest)
     with pytest.raises(ConfigError, match="32 samples, fewer than one global batch"):
-        train.resolve_model(train.resolve_job(_args(model="flow-debug", batch_size=64, **base)), manifest)
+        resolve_model(_job(model="flow-debug", batch_size=64, **base), manifest)
     with pytest.raises(ConfigError, match="below the filesystem root or bucket"):
         train.ray_storage("s3://bucket")
 
     # A run dir that holds another model is refused, the same model is accepted again.
-    job = train.resolve_job(_args(model="flow-debug", **base))
-    model_cfg, train_cfg = train.resolve_model(job, manifest)
-    train.write_run_config(job, model_cfg, train_cfg, manifest)
-    train.write_run_config(job, model_cfg, train_cfg, manifest)
+    job = _job(model="flow-debug", **base)
+    model_cfg, train_cfg = resolve_model(job, manifest)
+    write_run_config(job, model_cfg, train_cfg, manifest)
+    write_run_config(job, model_cfg, train_cfg, manifest)
     wider = _yaml(tmp_path, {"model_config": {"width": 32}})
-    wider = train.resolve_job(_args(model="flow-debug", config=wider, **base))
-    m2, t2 = train.resolve_model(wider, manifest)
+    wider = _job(model="flow-debug", config=wider, **base)
+    m2, t2 = resolve_model(wider, manifest)
     with pytest.raises(T2IError, match=r"holds a run of another model \(model.width"):
-        train.write_run_config(wider, m2, t2, manifest)
+        write_run_config(wider, m2, t2, manifest)
 
 
 def _yaml(tmp_path, data: dict) -> Path:
@@ -114,7 +101,7 @@ def _yaml(tmp_path, data: dict) -> Path:
 
 
 def test_rows_to_batch_pads_masks_and_seeds_by_key(tmp_path, tiny_encoders):
-    from t2i.distributed import rows_to_batch
+    from t2i.data.batching import rows_to_batch
 
     data = str(tmp_path / "emb")
     make_embedded(data, tiny_encoders["encoder"], num=12, parts=1)
@@ -136,7 +123,7 @@ def test_rows_to_batch_pads_masks_and_seeds_by_key(tmp_path, tiny_encoders):
 
 
 def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
-    from t2i.runlog import RunFiles
+    from t2i.train.runlog import RunFiles
 
     files = RunFiles(str(tmp_path))
     files.start(0)
@@ -154,7 +141,7 @@ def test_run_files_drop_metrics_past_the_resume_point(tmp_path):
 
 
 def test_run_files_write_metrics_off_the_training_thread(tmp_path):
-    from t2i.runlog import RunFiles
+    from t2i.train.runlog import RunFiles
 
     files = RunFiles(str(tmp_path / "run"))
     files.start(0)
@@ -174,38 +161,37 @@ def test_run_files_write_metrics_off_the_training_thread(tmp_path):
 
 
 def test_eval_prompts_from_the_dataset_or_its_encoder(tmp_path, tiny_encoders):
-    from pipelines import train
     from t2i.text import TextEncoder
 
     data = str(tmp_path / "emb")
     manifest = make_embedded(data, tiny_encoders["encoder"], num=64, parts=2)
-    job = train.resolve_job(_args(data=data, model="flow-debug", out=tmp_path / "run"))
-    got = train.eval_prompts(job, manifest)
+    job = _job(data=data, model="flow-debug", out=tmp_path / "run")
+    got = dataset_prompts(job, manifest)
     # The first distinct captions, in key order, of the first part, with their stored features.
     part = E.decode_rows(E.read_part(data, manifest["parts"][0]).sort_by("key"), RES, 64)
     first: dict = {}
     for i, c in enumerate(part["captions"]):
         first.setdefault(c, i)
-    rows = list(first.values())[:train.EVAL_PROMPTS]
-    assert got["captions"] == [part["captions"][i] for i in rows] and len(rows) == train.EVAL_PROMPTS
-    for t, i in zip(got["tokens"], rows, strict=True):
+    rows = list(first.values())[:EVAL_PROMPTS]
+    assert got.captions == [part["captions"][i] for i in rows] and len(rows) == EVAL_PROMPTS
+    for t, i in zip(got.tokens, rows, strict=True):
         assert np.array_equal(t, part["tokens"][i])
-    assert np.array_equal(got["pooled"], part["pooled"][rows])
+    assert np.array_equal(got.pooled, part["pooled"][rows])
 
     prompts = ("a red circle on a blue background", "a white square on a black background")
-    job = train.resolve_job(_args(data=data, model="flow-debug", out=tmp_path / "run",
-                                  config=_yaml(tmp_path, {"eval_prompts": list(prompts)})))
-    got = train.eval_prompts(job, manifest)
+    job = _job(data=data, model="flow-debug", out=tmp_path / "run",
+               config=_yaml(tmp_path, {"eval_prompts": list(prompts)}))
+    got = dataset_prompts(job, manifest)
     spec = EncoderSpec(**{k: v for k, v in manifest["encoder"].items()})
     want = TextEncoder(spec).encode(list(prompts))
-    assert got["captions"] == list(prompts) and np.array_equal(got["pooled"], want.pooled)
-    assert all(np.array_equal(a, b) for a, b in zip(got["tokens"], want.tokens, strict=True))
+    assert got.captions == list(prompts) and np.array_equal(got.pooled, want.pooled)
+    assert all(np.array_equal(a, b) for a, b in zip(got.tokens, want.tokens, strict=True))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_progress_lines_follow_the_run_files(where, tmp_path, caplog, monkeypatch, request):
     from t2i import storage
-    from t2i.runlog import Progress, RunFiles
+    from t2i.train.runlog import Progress, RunFiles
 
     if where == "s3":
         tmp_path = request.getfixturevalue("s3")
@@ -248,10 +234,10 @@ def test_progress_lines_follow_the_run_files(where, tmp_path, caplog, monkeypatc
 def test_state_digests_follow_a_checkpoint_round_trip(tmp_path):
     from t2i.checkpoint import load_checkpoint, save_checkpoint
     from t2i.config import replace
-    from t2i.distributed import state_digests
-    from t2i.models import get_preset
+    from t2i.families import make_state, train_step
+    from t2i.presets import get_preset
     from t2i.runtime import setup_runtime
-    from t2i.train_step import make_state, train_step
+    from t2i.train.distributed import state_digests
 
     preset = get_preset("flow-debug")
     rt = setup_runtime("cpu")
@@ -298,11 +284,10 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     from pipelines.cli import main
     from t2i.checkpoint import list_checkpoints, load_checkpoint
     from t2i.config import TrainConfig, from_dict
-    from t2i.distributed import state_digests
-    from t2i.models import config_from_dict
+    from t2i.families import config_from_dict, make_state
     from t2i.registry import Registry
     from t2i.runtime import setup_runtime
-    from t2i.train_step import make_state
+    from t2i.train.distributed import state_digests
 
     data, run, reg_url = f"{s3}/embedded", f"{s3}/runs/r1", f"{s3}/registry"
     manifest = make_embedded(data, tiny_encoders["encoder"])

@@ -12,12 +12,14 @@ import math
 
 import pytest
 import torch
-
-from t2i.distributed import Meter, to_device
-from t2i.models import get_preset
-from t2i.runtime import setup_runtime
-from t2i.train_step import make_state, metric_floats, train_step
 from test_gan import toy_batch  # tests/ is on sys.path under pytest
+
+from t2i.data.batching import to_device
+from t2i.families import make_state, train_step
+from t2i.presets import get_preset
+from t2i.runtime import setup_runtime
+from t2i.train.loop import Meter
+from t2i.train.state import metric_floats
 
 
 @pytest.mark.parametrize("preset", ["flow-debug", "gan-debug"])

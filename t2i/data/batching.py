@@ -1,15 +1,15 @@
-"""Variable-length text features -> padded training/sampling batches (the batch contract of
-t2i.train_step), shared by the local loop, Ray Train workers and batch generation."""
+"""Stored rows and variable-length text features -> padded training/sampling batches (the batch
+contract of `t2i.train.state`), shared by the training loop's callers and batch generation."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from t2i.runtime import seed_from
-
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -56,3 +56,32 @@ def collate_features(tokens: Sequence, pooled, dtype: torch.dtype = torch.float3
 def sample_seeds(keys: Sequence[str], base_seed: int = 0) -> torch.Tensor:
     """int64 [B] per-sample seeds from sample keys (and a run seed), never from ranks or order."""
     return torch.tensor([seed_from(int(base_seed), str(k)) for k in keys], dtype=torch.int64)
+
+
+def rows_to_batch(rows: Mapping[str, Any], base_seed: int = 0, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Decoded embedded-dataset rows (`t2i.data.embedded.decode_rows`) -> the train_step batch.
+
+    Tokens are padded to the batch's longest caption with a mask; seeds come from the sample
+    keys (and the run's seed), so a sample's noise never depends on which rank drew it.
+    """
+    with warnings.catch_warnings():
+        # Views over Arrow buffers are read-only; nothing here writes into them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tokens, mask, pooled = collate_features(rows["tokens"], rows["pooled"])
+        image = torch.from_numpy(np.ascontiguousarray(rows["images"]))
+    batch = {
+        "image": image,
+        "tokens": tokens,
+        "mask": mask,
+        "pooled": pooled,
+        "seed": sample_seeds(rows["keys"], base_seed),
+    }
+    if pin:
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device`, except the sample seeds: the noise is seeded from them on the host,
+    and reading them back from an accelerator would wait for it every step."""
+    return {k: v if k == "seed" or v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -19,6 +19,9 @@ The dataset digest identifies the content, not how it happened to be split into 
 derived from the sum (mod 2^256) of per-row sha256 digests, which does not depend on the order or
 grouping of rows, so two runs over the same shards with the same encoder give the same digest even
 though Ray may group rows into parts differently. The part sha256s protect each file's integrity.
+
+This module is the format only (write, read, digest); the job that produces it from shards is
+`t2i.data.embed`. `write_arrays` writes in-memory arrays in the same format (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from t2i import storage
-from t2i.data.shards import Skip, SkipSample, iter_samples, parse_sample
+from t2i.config import to_dict
 from t2i.errors import IntegrityError, T2IError
 
 FORMAT = "t2i-embedded"
@@ -195,6 +198,42 @@ def finalize_manifest(*, encoder: Mapping, resolution: int, parts: list[dict], s
     return manifest
 
 
+def write_arrays(url: str, *, images: np.ndarray, captions: list[str], tokens: list[np.ndarray],
+                 pooled: np.ndarray, encoder: Any, keys: list[str] | None = None, sources: list[str] | None = None,
+                 rows_per_part: int = 1024, data: str = "memory", truncated_captions: int = 0,
+                 extra: Mapping | None = None) -> dict:
+    """Write in-memory rows as a complete embedded dataset at `url`; returns its manifest.
+
+    images: uint8 [N, R, R, 3]; tokens: N float16 [L_i, D] arrays (real tokens only); pooled:
+    float16 [N, D]; encoder: the EncoderSpec (or its dict) that made the features. keys default to
+    the shapes set's `{i:08d}`; sources to `{data}#{key}`, and the manifest lists `data` as the one
+    source shard. The same files `t2i embed` writes (parts, errors.jsonl, then manifest.json), so
+    the same rows give the same dataset digest.
+    """
+    images = np.asarray(images, np.uint8)
+    n = len(images)
+    keys = list(keys) if keys is not None else [f"{i:08d}" for i in range(n)]
+    sources = list(sources) if sources is not None else [f"{data}#{k}" for k in keys]
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
+        raise T2IError(f"write_arrays: images must be uint8 [N, R, R, 3], got shape {images.shape}")
+    if not len(captions) == len(tokens) == len(pooled) == len(keys) == len(sources) == n:
+        raise T2IError(f"write_arrays: {n} images but {len(captions)} captions, {len(tokens)} token arrays, "
+                       f"{len(pooled)} pooled vectors, {len(keys)} keys, {len(sources)} sources")
+    tokens = [np.ascontiguousarray(t, np.float16) for t in tokens]
+    table = make_table(keys, list(captions), [im.tobytes() for im in images], [t.tobytes() for t in tokens],
+                       [len(t) for t in tokens], [np.ascontiguousarray(p, np.float16).tobytes() for p in pooled],
+                       sources)
+    step = max(1, int(rows_per_part))
+    parts = [write_part(url, table.slice(i, step)) for i in range(0, n, step)]
+    spec = dict(encoder) if isinstance(encoder, Mapping) else to_dict(encoder)
+    manifest = finalize_manifest(encoder=spec, resolution=int(images.shape[1]), parts=parts,
+                                 shards=[{"url": data, "read": n, "kept": n, "skipped": {}}],
+                                 truncated_captions=truncated_captions, data=data, extra=extra)
+    write_errors(url, [])
+    write_manifest(url, manifest)
+    return manifest
+
+
 def write_manifest(out_url: str, manifest: Mapping) -> str:
     """Write manifest.json (atomically; it must be the last file a run writes)."""
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -335,7 +374,7 @@ def decode_rows(batch: Any, resolution: int | None = None, dim: int | None = Non
 class Embedded:
     """A whole embedded dataset in memory (small local training, tests, evaluation).
 
-    Batches for `t2i.train_step`: `t2i.data.batching.collate_features([tokens[i] ...], pooled[idx])`.
+    Rows sorted by key; `t2i.data.batching` turns them into training batches.
     """
 
     manifest: dict
@@ -368,247 +407,3 @@ def load_embedded(url: str, verify: bool = True) -> Embedded:
     return Embedded(manifest=manifest, keys=rows["keys"], captions=rows["captions"], images=rows["images"],
                     tokens=rows["tokens"], tokens_flat=rows["tokens_flat"], lengths=rows["lengths"],
                     pooled=rows["pooled"])
-
-
-# -------------------------------------------------------------------------------------- building
-# The embed job's stages as plain functions over Arrow tables, so the Ray job (pipelines/embed.py)
-# and a bare single-process loop run exactly the same code. Between stages a row also carries its
-# shard, a skip `reason` ("" = kept) and an encoding `chunk`; skipped samples flow through as rows
-# so that the counts per reason and per shard are exact wherever the rows end up.
-
-def _empty_work() -> dict[str, list]:
-    return {k: [] for k in ("key", "caption", "image", "source", "shard", "shard_index", "reason", "detail",
-                            "chunk")}
-
-
-def _work_table(cols: dict[str, list]) -> pa.Table:
-    return pa.table({
-        "key": pa.array(cols["key"], pa.string()),
-        "caption": pa.array(cols["caption"], pa.string()),
-        "image": pa.array(cols["image"], pa.binary()),
-        "source": pa.array(cols["source"], pa.string()),
-        "shard": pa.array(cols["shard"], pa.string()),
-        "shard_index": pa.array(cols["shard_index"], pa.int32()),
-        "reason": pa.array(cols["reason"], pa.string()),
-        "detail": pa.array(cols["detail"], pa.string()),
-        "chunk": pa.array(cols["chunk"], pa.int64()),
-    })
-
-
-def shard_rows(url: str, index: int, resolution: int, min_size: int = 0, chunk_size: int = 64,
-               rows_per_table: int = 256):
-    """Read shard `url` (the `index`-th of the job) and yield tables of decoded samples and skips.
-
-    Kept samples are numbered in shard order and grouped into encoding chunks of `chunk_size`
-    (chunk id = index << 32 | ordinal // chunk_size): the text encoder always sees the same
-    captions together, whatever Ray does with the rows, so embeddings are reproducible bit for bit.
-    """
-    shard = storage.describe(url)
-    fs, path = storage.filesystem(url)
-    cols, kept = _empty_work(), 0
-    try:
-        # Streamed, not read whole; BufferedReader gives the reader `peek` to spot gzip shards.
-        fh = io.BufferedReader(fs.open(path, "rb"), 1 << 20)
-    except FileNotFoundError:
-        raise T2IError(f"{shard}: shard not found") from None
-    except Exception as e:
-        raise storage.storage_error(url, e) from e
-    with fh:
-        for item in iter_samples(fh, shard):
-            image, caption, reason, detail, chunk = b"", "", "", "", -1
-            if isinstance(item, Skip):
-                reason, detail = item.reason, getattr(item, "detail", "") or ""
-            else:
-                try:
-                    img, caption = parse_sample(item, resolution, min_size)
-                    image = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
-                    chunk = (index << 32) | (kept // chunk_size)
-                    kept += 1
-                except SkipSample as e:
-                    reason, detail, caption = e.reason, getattr(e, "detail", "") or str(e), ""
-            key = item.key or ""
-            for k, v in (("key", key), ("caption", caption), ("image", image), ("source", f"{shard}#{key}"),
-                         ("shard", shard), ("shard_index", index), ("reason", reason), ("detail", detail),
-                         ("chunk", chunk)):
-                cols[k].append(v)
-            # Tables end on chunk boundaries, so no chunk is ever split across two encoder calls.
-            if len(cols["key"]) >= rows_per_table and kept % chunk_size == 0 and chunk >= 0:
-                yield _work_table(cols)
-                cols = _empty_work()
-    if cols["key"]:
-        yield _work_table(cols)
-
-
-def encode_rows(encoder: Any, table: pa.Table) -> pa.Table:
-    """Add text_tokens / text_len / text_pooled / truncated / encoder columns to a work table.
-
-    Captions are encoded one chunk at a time (see `shard_rows`); skipped rows pass through.
-    """
-    n = table.num_rows
-    reasons = table.column("reason").to_pylist()
-    chunks = table.column("chunk").to_pylist()
-    captions = table.column("caption").to_pylist()
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        if not reasons[i]:
-            groups.setdefault(chunks[i], []).append(i)
-    tokens: list[bytes] = [b""] * n
-    pooled: list[bytes] = [b""] * n
-    lengths = np.zeros(n, np.int32)
-    truncated = np.zeros(n, bool)
-    for rows in groups.values():
-        out = encoder.encode([captions[i] for i in rows])
-        for j, i in enumerate(rows):
-            tokens[i] = np.ascontiguousarray(out.tokens[j], np.float16).tobytes()
-            pooled[i] = np.ascontiguousarray(out.pooled[j], np.float16).tobytes()
-        lengths[rows] = out.lengths
-        truncated[rows] = out.truncated
-    spec = json.dumps(_spec_dict(encoder.spec), sort_keys=True)
-    return (table.append_column("text_tokens", pa.array(tokens, pa.binary()))
-            .append_column("text_len", pa.array(lengths, pa.int32()))
-            .append_column("text_pooled", pa.array(pooled, pa.binary()))
-            .append_column("truncated", pa.array(truncated, pa.bool_()))
-            .append_column("encoder", pa.array([spec] * n, pa.string())))
-
-
-def _spec_dict(spec: Any) -> dict:
-    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec)
-
-
-def key_hashes(keys: Iterable[str]) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
-                     for k in keys], dtype=np.uint64)
-
-
-def write_rows(out_url: str, table: pa.Table) -> dict:
-    """Write the kept rows of an encoded work table as one part; account for every row.
-
-    Returns a summary for `Accumulator.add`: the part entry (or None), per-shard counts, the
-    errors (one per skipped row), truncated-caption count, encoder specs seen, and key hashes
-    with shard indices of the kept rows (to find keys repeated across shards).
-    """
-    reasons = table.column("reason").to_pylist()
-    shards = table.column("shard").to_pylist()
-    kept_idx = [i for i, r in enumerate(reasons) if not r]
-    kept = table.take(pa.array(kept_idx, pa.int64())) if len(kept_idx) != table.num_rows else table
-    kept = kept.sort_by("key")  # the part's row order, so key_hash[i] is the part's row i
-    part = write_part(out_url, kept.select(list(COLUMNS))) if kept.num_rows else None
-    counts: dict[str, dict] = {}
-    errors = []
-    keys = table.column("key").to_pylist()
-    details = table.column("detail").to_pylist()
-    for i, (shard, reason) in enumerate(zip(shards, reasons)):
-        c = counts.setdefault(shard, {"read": 0, "kept": 0, "skipped": {}})
-        c["read"] += 1
-        if reason:
-            c["skipped"][reason] = c["skipped"].get(reason, 0) + 1
-            errors.append({"shard": shard, "key": keys[i], "reason": reason, "detail": details[i]})
-        else:
-            c["kept"] += 1
-    return {
-        "part": part, "shards": counts, "errors": errors,
-        "truncated": int(np.asarray(kept.column("truncated").to_numpy(zero_copy_only=False)).sum())
-        if kept.num_rows else 0,
-        "encoders": sorted(set(kept.column("encoder").to_pylist())) if kept.num_rows else [],
-        "key_hash": key_hashes(kept.column("key").to_pylist()).tobytes(),
-        "key_shard": np.asarray(kept.column("shard_index").to_numpy(), np.int32).tobytes(),
-    }
-
-
-class Accumulator:
-    """Folds `write_rows` summaries into the manifest; settles keys repeated across shards."""
-
-    def __init__(self, shard_urls: list[str]):
-        self.shards = [storage.describe(u) for u in shard_urls]
-        self.counts = {s: {"read": 0, "kept": 0, "skipped": {}} for s in self.shards}
-        self.errors: list[dict] = []
-        self.truncated = 0
-        self.encoders: set[str] = set()
-        # One entry per written part: [part entry, key hashes, shard indices], rows in part order.
-        self._parts: list[list] = []
-
-    def add(self, summary: Mapping) -> None:
-        if summary["part"]:
-            self._parts.append([dict(summary["part"]), np.frombuffer(summary["key_hash"], np.uint64),
-                                np.frombuffer(summary["key_shard"], np.int32)])
-        for shard, c in summary["shards"].items():
-            mine = self.counts.setdefault(shard, {"read": 0, "kept": 0, "skipped": {}})
-            mine["read"] += c["read"]
-            mine["kept"] += c["kept"]
-            for r, k in c["skipped"].items():
-                mine["skipped"][r] = mine["skipped"].get(r, 0) + k
-        self.errors.extend(summary["errors"])
-        self.truncated += int(summary["truncated"])
-        self.encoders.update(summary["encoders"])
-
-    @property
-    def parts(self) -> list[dict]:
-        return [p[0] for p in self._parts]
-
-    @property
-    def read(self) -> int:
-        return sum(c["read"] for c in self.counts.values())
-
-    @property
-    def kept(self) -> int:
-        return sum(c["kept"] for c in self.counts.values())
-
-    def encoder_spec(self, fallback: Mapping | None = None) -> dict:
-        if len(self.encoders) > 1:
-            revs = sorted(str(json.loads(e).get("revision")) for e in self.encoders)
-            raise IntegrityError(f"embed: workers loaded different text encoder weights (revisions {revs})")
-        return json.loads(next(iter(self.encoders))) if self.encoders else dict(fallback or {})
-
-    def settle_duplicates(self, out_url: str) -> int:
-        """Keys kept from more than one shard: keep the earliest shard's row, skip the others.
-
-        Within a shard the reader already skips repeats; across shards only the driver sees every
-        key (as 64-bit hashes; candidates are confirmed on the real keys). Returns rows dropped.
-        """
-        if not self._parts:
-            return 0
-        uniq, counts = np.unique(np.concatenate([p[1] for p in self._parts]), return_counts=True)
-        dup = uniq[counts > 1]
-        if not len(dup):
-            return 0
-        found: dict[str, list[tuple[int, int, int]]] = {}  # key -> [(shard index, part slot, row)]
-        for slot, (part, hashes, shard_idx) in enumerate(self._parts):
-            rows = np.flatnonzero(np.isin(hashes, dup))
-            if not len(rows):
-                continue
-            keys = read_part(out_url, part, columns=["key"]).column("key").to_pylist()
-            for r in rows:
-                found.setdefault(keys[r], []).append((int(shard_idx[r]), slot, int(r)))
-        drop: dict[int, list[int]] = {}
-        for key, places in found.items():
-            places.sort()
-            first = self.shards[places[0][0]]
-            for shard_i, slot, row in places[1:]:
-                drop.setdefault(slot, []).append(row)
-                c = self.counts[self.shards[shard_i]]
-                c["kept"] -= 1
-                c["skipped"]["duplicate_key"] = c["skipped"].get("duplicate_key", 0) + 1
-                self.errors.append({"shard": self.shards[shard_i], "key": key, "reason": "duplicate_key",
-                                    "detail": f"key already kept from {first}"})
-        for slot, rows in drop.items():
-            part, hashes, shard_idx = self._parts[slot]
-            keep = np.setdiff1d(np.arange(part["rows"]), rows)
-            table = read_part(out_url, part).take(pa.array(keep))
-            new = write_part(out_url, table) if len(keep) else None
-            if new is None or new["name"] != part["name"]:
-                storage.delete(storage.url_join(out_url, part["name"]))
-            self._parts[slot] = [new, hashes[keep], shard_idx[keep]]
-        self._parts = [p for p in self._parts if p[0] is not None]
-        return sum(len(r) for r in drop.values())
-
-    def finish(self, out_url: str, *, data: str, resolution: int, encoder_fallback: Mapping | None = None,
-               extra: Mapping | None = None) -> dict:
-        """Settle duplicates, write errors.jsonl, then manifest.json (last); returns the manifest."""
-        self.settle_duplicates(out_url)
-        write_errors(out_url, self.errors)
-        shards = [{"url": s, **self.counts[s]} for s in self.shards]
-        manifest = finalize_manifest(encoder=self.encoder_spec(encoder_fallback), resolution=resolution,
-                                     parts=self.parts, shards=shards, truncated_captions=self.truncated,
-                                     data=data, extra=extra)
-        write_manifest(out_url, manifest)
-        return manifest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -227,14 +226,32 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A plain ustar archive of (name, data), byte-identical for identical input."""
+def _sample_members(i: int, resolution: int, seed: int, holdout) -> dict:
+    """Sample `i` as webdataset writes it: {"__key__": key, extension: bytes}."""
+    a = sample_attributes(sample_rng(seed, i), holdout)
+    key = f"{i:08d}"
+    return {
+        "__key__": key,
+        "png": encode_png(render_attrs(a, resolution)),
+        "txt": caption(a["shape"], a["color"], a["bg"]).encode(),
+        "json": json.dumps({"key": key, **a}, sort_keys=True).encode(),
+    }
+
+
+def shard_bytes(samples: Iterable[Mapping]) -> bytes:
+    """One WebDataset shard (`{key}.{ext}` members) from webdataset-style sample dicts.
+
+    Written by webdataset's own TarWriter, byte-identical for identical input: a fixed mtime,
+    owner and mode, and no encoding (values are already bytes).
+    """
+    # Imported here: webdataset imports torch (about a second), which nothing else here needs.
+    from webdataset import TarWriter
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tf.addfile(info, io.BytesIO(data))
+    writer = TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False)
+    for sample in samples:
+        writer.write(dict(sample))
+    writer.close()
     return buf.getvalue()
 
 
@@ -269,20 +286,12 @@ def write_shapes(
     shards = []
     n_shards = (num + shard_size - 1) // shard_size
     for si in range(n_shards):
-        members = []
-        for i in range(si * shard_size, min(num, (si + 1) * shard_size)):
-            a = sample_attributes(sample_rng(seed, i), holdout)
-            key = f"{i:08d}"
-            members += [
-                (f"{key}.png", encode_png(render_attrs(a, resolution))),
-                (f"{key}.txt", caption(a["shape"], a["color"], a["bg"]).encode()),
-                (f"{key}.json", json.dumps({"key": key, **a}, sort_keys=True).encode()),
-            ]
+        samples = range(si * shard_size, min(num, (si + 1) * shard_size))
         url = storage.url_join(out_url, f"{si:05d}.tar")
-        storage.write_bytes(url, tar_bytes(members))
+        storage.write_bytes(url, shard_bytes(_sample_members(i, resolution, seed, holdout) for i in samples))
         shards.append(url)
         if progress:
-            progress(min(num, (si + 1) * shard_size), num)
+            progress(samples.stop, num)
     info = {
         "dataset": "shapes", "num": num, "resolution": resolution, "shard_size": shard_size, "seed": seed,
         "holdout": [list(p) for p in holdout], "shards": [u.rsplit("/", 1)[-1] for u in shards],

@@ -1,6 +1,8 @@
-"""Offline evaluation: contact sheets of samples and prompt-attribute accuracy on shapes."""
+"""Offline evaluation: the shapes attribute readout, prompt-attribute accuracy, contact sheets."""
 
-from t2i.eval.attributes import attribute_accuracy, normalize_attrs
+from t2i.eval.attributes import attribute_accuracy, normalize_attrs, score_generated, write_shapes_prompts
 from t2i.eval.grid import contact_sheet, write_contact_sheet
+from t2i.eval.readout import read_attributes
 
-__all__ = ["attribute_accuracy", "normalize_attrs", "contact_sheet", "write_contact_sheet"]
+__all__ = ["attribute_accuracy", "normalize_attrs", "score_generated", "contact_sheet", "write_contact_sheet",
+           "read_attributes", "write_shapes_prompts"]

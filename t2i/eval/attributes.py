@@ -1,18 +1,25 @@
 """Prompt-attribute accuracy on the shapes set: does an image show the shape and colours its
-prompt asked for, judged by the pixel-statistics readout (t2i.data.readout), not a learned model."""
+prompt asked for, judged by the pixel-statistics readout (t2i.eval.readout), not a learned model."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import io
+import json
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
+
+from t2i import storage
+from t2i.data import shapes
+from t2i.eval.readout import read_attributes
 
 KEYS = ("shape", "color", "bg")
 
 
 def normalize_attrs(a: Any) -> tuple[str, str, str]:
     """(shape, color, bg) from a tuple/list in that order or a mapping with those keys."""
-    if isinstance(a, dict):
+    if isinstance(a, Mapping):
         missing = [k for k in KEYS if k not in a]
         if missing:
             raise ValueError(f"attributes {a!r} lack key {missing[0]!r}")
@@ -22,16 +29,15 @@ def normalize_attrs(a: Any) -> tuple[str, str, str]:
     raise ValueError(f"attributes must be (shape, color, bg) or a mapping with {KEYS}, got {a!r}")
 
 
-def attribute_accuracy(images, attrs: Sequence[Any], readout=None) -> dict:
+def attribute_accuracy(images: Sequence[np.ndarray], attrs: Sequence[Any],
+                       readout: Callable[[np.ndarray], tuple] = read_attributes) -> dict:
     """Fraction of images whose read-out shape / colour / background match the prompt's.
 
-    images uint8 [N, H, W, 3]; attrs: N prompt attributes (see normalize_attrs).
-    Returns {"n", "shape", "color", "bg", "all", "predicted"}; "all" counts an image only when
-    all three match. `predicted` lists the readout per image (None where it saw no shape).
+    images: N uint8 [H, W, 3] images (an array or a list; sizes may differ); attrs: N prompt
+    attributes (see normalize_attrs). Returns {"n", "shape", "color", "bg", "all", "predicted"};
+    "all" counts an image only when all three match. `predicted` lists the readout per image
+    (("none", "none", bg) where it saw no shape).
     """
-    if readout is None:
-        from t2i.data.readout import read_attributes as readout
-    images = np.asarray(images)
     if len(images) != len(attrs):
         raise ValueError(f"attribute_accuracy: {len(images)} images but {len(attrs)} attribute rows")
     if len(images) == 0:
@@ -44,3 +50,35 @@ def attribute_accuracy(images, attrs: Sequence[Any], readout=None) -> dict:
     out["all"] = float(hits.all(axis=1).mean())
     out["predicted"] = [list(g) for g in got]
     return out
+
+
+def score_generated(out: str, expected: Mapping[str, Mapping]) -> dict[str, float]:
+    """Per split, the fraction of a `t2i generate` output's images with all three attributes right.
+
+    out: the generate output directory or URL (its images are OUT/images/{id}.png, the layout
+    t2i.generate writes; t2i.generate imports this package, so the path is spelled out here);
+    expected: {id: {"split", "shape", "color", "bg"}}. Returns {split: accuracy}.
+    """
+    by_split: dict[str, tuple[list, list]] = {}
+    for id_, attrs in expected.items():
+        data = storage.read_bytes(storage.url_join(out, "images", f"{id_}.png"))
+        images, want = by_split.setdefault(attrs["split"], ([], []))
+        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        want.append(attrs)
+    return {split: attribute_accuracy(images, want)["all"] for split, (images, want) in by_split.items()}
+
+
+def write_shapes_prompts(path: str, per_prompt: int) -> dict[str, dict]:
+    """A prompt file of every seen and held-out shape x colour prompt, `per_prompt` seeds each.
+
+    Returns id -> {"split", "shape", "color", "bg"}: what `score_generated` checks the images against.
+    """
+    expected, lines = {}, []
+    for split in ("seen", "heldout"):
+        for n, (caption, attrs) in enumerate(shapes.prompts(split)):
+            for k in range(per_prompt):
+                pid = f"{split}-{n:03d}-{k}"
+                lines.append(json.dumps({"id": pid, "prompt": caption, "seed": k}) + "\n")
+                expected[pid] = {"split": split, **dict(attrs)}
+    storage.write_text(path, "".join(lines))
+    return expected

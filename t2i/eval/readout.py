@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -244,24 +243,3 @@ def read_attributes(img: np.ndarray) -> tuple[str, str, str]:
     if shape == NO_SHAPE:
         return NO_SHAPE, NO_SHAPE, nearest_color(bg)
     return shape, nearest_color(fg), nearest_color(bg)
-
-
-def read_batch(images: Iterable[np.ndarray]) -> list[tuple[str, str, str]]:
-    return [read_attributes(im) for im in images]
-
-
-def accuracy(images: Sequence[np.ndarray], expected: Sequence[Mapping]) -> dict[str, float]:
-    """Fractions correct per attribute and for all three together; `expected` rows carry
-    shape, color and bg (an attribute dict from the shapes set or `prompts`)."""
-    if len(images) != len(expected):
-        raise ValueError(f"{len(images)} images but {len(expected)} expected attribute rows")
-    if not len(images):
-        return {"shape": 0.0, "color": 0.0, "bg": 0.0, "all": 0.0, "n": 0}
-    hits = np.zeros(4)
-    for im, e in zip(images, expected):
-        got = read_attributes(im)
-        ok = [got[0] == e["shape"], got[1] == e["color"], got[2] == e["bg"]]
-        hits += ok + [all(ok)]
-    n = len(images)
-    return {"shape": float(hits[0] / n), "color": float(hits[1] / n), "bg": float(hits[2] / n),
-            "all": float(hits[3] / n), "n": n}

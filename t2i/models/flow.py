@@ -22,7 +22,6 @@ from torch import nn
 from t2i.errors import ConfigError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
     family: str = "flow"

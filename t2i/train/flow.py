@@ -10,8 +10,16 @@ from t2i.config import TrainConfig
 from t2i.models.flow import FlowDiT
 from t2i.runtime import Runtime, seed_from
 from t2i.train.losses import flow_matching_loss, logit_normal_t
-from t2i.train.state import (TrainState, clip_grads, ema_decay_at, ema_update, images_to_tensor, lr_at, new_ema,
-                             set_lr, unwrap)
+from t2i.train.state import (
+    TrainState,
+    clip_grads,
+    ema_decay_at,
+    ema_update,
+    images_to_tensor,
+    lr_at,
+    new_ema,
+    set_lr,
+)
 
 
 def make_flow_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:

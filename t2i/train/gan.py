@@ -15,8 +15,17 @@ from t2i.config import TrainConfig
 from t2i.models.gan import Discriminator, Generator
 from t2i.runtime import Runtime, seed_from
 from t2i.train.losses import grad_sq_norm, matching_loss, rpgan_d_loss, rpgan_g_loss
-from t2i.train.state import (TrainState, clip_grads, ema_decay_at, ema_update, images_to_tensor, lr_at, new_ema,
-                             set_lr, unwrap)
+from t2i.train.state import (
+    TrainState,
+    clip_grads,
+    ema_decay_at,
+    ema_update,
+    images_to_tensor,
+    lr_at,
+    new_ema,
+    set_lr,
+    unwrap,
+)
 
 
 def make_gan_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:
@@ -90,7 +99,6 @@ def mismatched_rows(pooled: torch.Tensor, how: str = "hard") -> tuple[torch.Tens
 def _double_backward_attention(enabled: bool):
     """R1/R2 differentiate D's input gradient again; the fused attention kernels (flash,
     memory-efficient, CPU flash) have no double backward, the math kernel has."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not enabled:
         return contextlib.nullcontext()

@@ -1,12 +1,12 @@
-"""Single-process training over in-memory arrays, for either family (`python -m t2i.train_local`).
+"""Single-process training over in-memory arrays, for either family (`python -m t2i.train.local`).
 
-The same `train_step` as the Ray Train workers, without Ray: what the quality benchmark and
-quick experiments use. Writes into `--out`:
-  metrics.jsonl           one JSON line per log window (step, losses, img/s, lr, memory)
-  samples/step_NNNNNN.png contact sheets of the EMA model on fixed prompts
-  ema.safetensors         final EMA weights of the sampling network
-  config.json             {"format", "family", "model", "train", "encoder"} (as in checkpoints)
-  summary.json            steps run, seconds, final metrics
+The same loop (`t2i.train.loop.fit`) and the same run files as the Ray Train workers, without Ray:
+what the quality benchmark and quick experiments use. Writes into `--out`:
+  metrics.jsonl, events.jsonl   one JSON line per log window (step, losses, img/s, lr, memory); events
+  samples/step_NNNNNN.png       contact sheets of the EMA model on fixed prompts
+  checkpoints/step_NNNNNN/      real checkpoints (digests; `t2i` registry and generate take them)
+  config.json                   {"format", "family", "model", "train", "encoder"} (as in checkpoints)
+  summary.json                  steps run, seconds, final metrics, the last checkpoint
 """
 
 from __future__ import annotations
@@ -17,21 +17,26 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from t2i import storage
-from t2i.config import TrainConfig, replace, to_dict
+from t2i.config import EncoderSpec, TrainConfig, replace, to_dict
+from t2i.data import shapes
 from t2i.data.batching import collate_features, sample_seeds
-from t2i.distributed import to_device
 from t2i.errors import ConfigError, T2IError
+from t2i.families import make_state
+from t2i.presets import get_preset
 from t2i.runtime import memory_mb, seed_from, setup_runtime
-from t2i.sampling import generate
-from t2i.train_step import TrainState, make_state, metric_floats, train_step
+from t2i.text import TextEncoder
+from t2i.train.loop import EvalPrompts, Hooks, fit, write_samples
+from t2i.train.run import Run
+from t2i.train.runlog import format_line
+from t2i.train.state import TrainState
 
-log = logging.getLogger("t2i.train_local")
+log = logging.getLogger("t2i.train")
 
 
 @dataclasses.dataclass
@@ -55,36 +60,15 @@ class ArrayData:
         if len(set(self.keys)) != n:
             raise ValueError("ArrayData: keys must be unique (they seed each sample's noise)")
 
-    @classmethod
-    def from_encoded(cls, images: np.ndarray, encoded, keys: Sequence[str], captions=None) -> "ArrayData":
-        """From images and an EncodedBatch-like object (.tokens list of [L_i,D], .pooled [N,D])."""
-        return cls(images, list(encoded.tokens), np.asarray(encoded.pooled), list(keys), captions)
-
-    def batch(self, idx: np.ndarray, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, idx: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
         tokens, mask, pooled = collate_features([self.tokens[i] for i in idx], self.pooled[idx])
-        out = {
-            "image": torch.from_numpy(np.ascontiguousarray(self.images[idx])),
-            "tokens": tokens, "mask": mask, "pooled": pooled,
-            "seed": sample_seeds([self.keys[i] for i in idx], seed),
-        }
-        return to_device(out, device)
+        return {"image": torch.from_numpy(np.ascontiguousarray(self.images[idx])), "tokens": tokens, "mask": mask,
+                "pooled": pooled, "seed": sample_seeds([self.keys[i] for i in idx], seed)}
 
-
-@dataclasses.dataclass
-class EvalPrompts:
-    """Fixed prompts for sample grids: one grid row per caption, `per_prompt` seeds each."""
-
-    captions: list[str]
-    tokens: Sequence[Any]
-    pooled: np.ndarray
-    per_prompt: int = 4
-
-    def rows(self):
-        n = self.per_prompt
-        idx = [i for i in range(len(self.captions)) for _ in range(n)]
-        tokens, mask, pooled = collate_features([self.tokens[i] for i in idx], self.pooled[idx])
-        ids = [f"eval-{i}-{j}" for i in range(len(self.captions)) for j in range(n)]
-        return tokens, mask, pooled, [0] * len(ids), ids
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches: a fresh permutation each epoch, batches may span epochs (no drop)."""
+        for idx in index_stream(len(self.images), batch_size, seed):
+            yield self.batch(idx, seed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -106,84 +90,49 @@ def index_stream(n: int, batch_size: int, seed: int):
         yield np.asarray(take)
 
 
-def write_grid(state: TrainState, prompts: EvalPrompts, url: str) -> None:
-    from t2i.eval import write_contact_sheet
-
-    tokens, mask, pooled, seeds, ids = prompts.rows()
-    dev = state.runtime.device
-    images = generate(state.ema, state.model_cfg, tokens.to(dev), mask.to(dev), pooled.to(dev), seeds, ids)
-    write_contact_sheet(url, images.numpy(), ncol=prompts.per_prompt, scale=2, row_labels=prompts.captions)
-
-
-def save_final(state: TrainState, out: str, encoder_spec: Any = None) -> None:
-    """EMA weights + config.json in the checkpoint layout's names (loadable for sampling)."""
-    from safetensors.torch import save as st_save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.ema.state_dict().items()}
-    storage.write_bytes(storage.url_join(out, "ema.safetensors"), st_save(tensors, {"format": "1"}))
-    enc = to_dict(encoder_spec) if dataclasses.is_dataclass(encoder_spec) else encoder_spec
-    config = {"format": 1, "family": state.family, "model": to_dict(state.model_cfg),
-              "train": to_dict(state.train_cfg), "encoder": enc}
-    storage.write_bytes(storage.url_join(out, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-
-
 def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: str, *,
                 prompts: EvalPrompts | None = None, max_seconds: float | None = None, device: str = "auto",
                 threads: int | None = None, encoder_spec: Any = None) -> tuple[TrainState, dict]:
-    """Train for train_cfg.steps (or until max_seconds) and write logs, grids and EMA weights.
+    """Train for train_cfg.steps (or until max_seconds) with the one training loop; write logs,
+    grids and checkpoints (every `checkpoint_every` steps and at the end) into `out`.
 
-    Returns (state, summary). Seeds: the model init from train_cfg.seed; batch order from
-    (seed, epoch); each sample's noise from (seed, its key, step).
+    The checkpoints are the same as a Ray Train run's: the registry takes them and `t2i generate`
+    samples from them. Returns (state, summary). Seeds: the model init from train_cfg.seed; batch
+    order from (seed, epoch); each sample's noise from (seed, its key, step).
     """
     if model_cfg.resolution != data.images.shape[1]:
         raise ConfigError(f"model resolution {model_cfg.resolution} != data resolution {data.images.shape[1]}")
     rt = setup_runtime(device, threads)
     state = make_state(model_cfg, train_cfg, rt)
-    storage.write_bytes(storage.url_join(out, "metrics.jsonl"), b"")
-    batches = index_stream(len(data.images), train_cfg.batch_size, train_cfg.seed)
-    window: dict[str, float] = {}
-    win_n, win_t, win_imgs = 0, time.perf_counter(), 0
+    enc = to_dict(encoder_spec) if dataclasses.is_dataclass(encoder_spec) else encoder_spec
+    config = {"format": 1, "family": state.family, "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+              "encoder": enc}
+    storage.write_text(storage.url_join(out, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    run = Run(out, state, encoder=enc, data_url="(in memory)", prompts=prompts)
+    run.files.start(0)
     t0 = time.perf_counter()
-    lines: list[str] = []
-    stopped_early = False
-    last: dict[str, float] = {}
-    while state.step < train_cfg.steps:
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            stopped_early = True
-            break
-        batch = data.batch(next(batches), train_cfg.seed, rt.device)
-        metrics = train_step(state, batch)
-        for k, v in metrics.items():
-            window[k] = window[k] + v if k in window else v
-        win_n += 1
-        win_imgs += len(batch["seed"])
-        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.steps:
-            last = {k: v / win_n for k, v in metric_floats(window).items()}  # waits for the device
-            dt = time.perf_counter() - win_t
-            rec = {"step": state.step, **last, "img_per_s": win_imgs / dt, "mem_mb": memory_mb(rt.device),
-                   "elapsed_s": time.perf_counter() - t0}
-            lines.append(json.dumps(rec))
-            _append(out, lines)
-            log.info("step %d/%d %s img/s %.1f mem %.0fMB %.0fs", state.step, train_cfg.steps,
-                     " ".join(f"{k} {v:.4g}" for k, v in last.items()), rec["img_per_s"], rec["mem_mb"],
-                     rec["elapsed_s"])
-            window, win_n, win_t, win_imgs = {}, 0, time.perf_counter(), 0
-        if prompts is not None and train_cfg.sample_every and state.step % train_cfg.sample_every == 0:
-            write_grid(state, prompts, storage.url_join(out, "samples", f"step_{state.step:06d}.png"))
+
+    def on_log(rec: dict) -> None:
+        rec["elapsed_s"] = time.perf_counter() - t0
+        run.log(rec)
+        log.info("%s %.0fs", format_line(rec, train_cfg.steps), rec["elapsed_s"])
+
+    def on_step(st: TrainState, _wait: float) -> None:
+        if prompts is not None and train_cfg.sample_every and st.step % train_cfg.sample_every == 0:
+            write_samples(st, prompts, storage.url_join(out, "samples", f"step_{st.step:06d}.png"))
+
+    hooks = Hooks(log=on_log, checkpoint=lambda st: run.save(), step=on_step,
+                  stop=None if max_seconds is None else lambda st: time.perf_counter() - t0 > max_seconds)
+    why = fit(state, data.batches(train_cfg.batch_size, train_cfg.seed), hooks)
     train_s = time.perf_counter() - t0
-    if prompts is not None:
-        write_grid(state, prompts, storage.url_join(out, "samples", f"step_{state.step:06d}.png"))
-    save_final(state, out, encoder_spec)
+    final = run.save()
+    run.files.flush()
     summary = {"family": state.family, "steps": state.step, "samples_seen": state.samples_seen,
-               "train_seconds": round(train_s, 2), "stopped_early": stopped_early, "final": last,
-               "img_per_s": state.samples_seen / max(train_s, 1e-9), "mem_mb": memory_mb(rt.device)}
-    storage.write_bytes(storage.url_join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+               "train_seconds": round(train_s, 2), "stopped_early": why == "stopped", "final": run.metrics(),
+               "img_per_s": state.samples_seen / max(train_s, 1e-9), "mem_mb": memory_mb(rt.device),
+               "checkpoint": storage.describe(final)}
+    storage.write_text(storage.url_join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return state, summary
-
-
-def _append(out: str, lines: list[str]) -> None:
-    # Rewritten whole (atomic) rather than appended: object stores have no append.
-    storage.write_bytes(storage.url_join(out, "metrics.jsonl"), ("\n".join(lines) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- command line
@@ -207,8 +156,6 @@ def parse_overrides(items: Sequence[str]) -> tuple[dict, dict]:
 
 def shapes_data(num: int, resolution: int, seed: int, encoder) -> tuple[ArrayData, EvalPrompts]:
     """The synthetic shapes set (held-out pairs excluded) with its captions encoded once each."""
-    from t2i.data import shapes
-
     images, captions, _ = shapes.make_arrays(num, resolution, seed, holdout=True)
     uniq = sorted(set(captions))
     enc = encoder.encode(uniq)
@@ -251,10 +198,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from t2i.config import EncoderSpec
-    from t2i.models import get_preset
-    from t2i.text import TextEncoder
-
     preset = get_preset(args.model)
     m_over, t_over = parse_overrides(args.set)
     for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):
@@ -276,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = argparse.ArgumentParser(prog="python -m t2i.train_local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m t2i.train.local", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -13,11 +13,22 @@ import json
 import logging
 import threading
 import time
+from typing import Any, Mapping
 
 from t2i import storage
 from t2i.errors import T2IError
 
 log = logging.getLogger("t2i.train")
+
+
+def format_line(rec: Mapping[str, Any], total_steps: int) -> str:
+    """One dense log line: step, losses, img/s, lr, data-wait %, peak memory."""
+    width = len(str(total_steps))
+    losses = " ".join(f"{k}={rec[k]:.4g}" for k in sorted(rec) if k.startswith("loss") and isinstance(rec[k], float))
+    lr = f" lr={rec['lr']:.3g}" if "lr" in rec else ""
+    return (f"step {rec['step']:>{width}}/{total_steps} {losses}{lr} "
+            f"{rec['img_per_s']:.1f} img/s {rec['step_s'] * 1000:.0f} ms/step data-wait {rec['data_wait']:.1%}"
+            + (f" mem {rec['mem_mb']:.0f}MB" if "mem_mb" in rec else ""))
 
 
 class RunFiles:
@@ -133,8 +144,6 @@ class Progress(threading.Thread):
         return self.cache.get(url, [])
 
     def poll(self) -> None:
-        from t2i.distributed import format_line
-
         events = self._read(self.files.events_url)
         metrics = self._read(self.files.metrics_url)
         items = [(int(e.get("step", 0)), 1, e) for e in events[self.seen_events:]]

@@ -1,0 +1,1 @@
+"""Training: state, one step per family, the loop, data-parallel setup, run directories."""

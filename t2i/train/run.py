@@ -1,0 +1,312 @@
+"""A training run as files: the job, its resolved config, resume points, checkpoints with grids.
+
+The run directory (local or s3://):
+  config.json                  the resolved job, model, training and dataset config
+  checkpoints/step_NNNNNN/     t2i checkpoints (rank 0 writes them)
+  samples/step_NNNNNN.png      a sample grid from the EMA weights at every checkpoint
+  metrics.jsonl                one record per logging window (rank 0)
+  events.jsonl                 starts (with what they resumed from), first step, checkpoints, the end
+
+No Ray here: the Ray Train worker (`pipelines/train.py`) and the single-process local run
+(`t2i.train.local`) both drive a `Run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from t2i import storage
+from t2i.checkpoint import DIGESTS, checkpoint_url, first_difference, list_checkpoints, load_checkpoint, save_checkpoint
+from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, replace, to_dict
+from t2i.data.embedded import read_part
+from t2i.errors import ConfigError, T2IError
+from t2i.presets import get_preset
+from t2i.text import TextEncoder
+from t2i.train.distributed import broadcast, gather, state_digests
+from t2i.train.loop import EvalPrompts, write_samples
+from t2i.train.runlog import RunFiles
+from t2i.train.state import TrainState
+
+log = logging.getLogger("t2i.train")
+
+EVAL_PROMPTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """A training job as a job file holds it (JSON/YAML); keyword arguments and options override it."""
+
+    data: str = ""
+    model: str = ""  # preset name
+    out: str = ""
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.0  # 0 = a share that leaves room for the data tasks
+    threads_per_worker: int = 0  # 0 = twice the CPU reservation (at least 1)
+    precision: str = "auto"  # auto: bf16 autocast on GPUs with bf16, fp32 on CPU
+    keep: int = 3
+    max_failures: int = 2
+    log_every: int = 0  # 0 = the preset's
+    shuffle_buffer: int = 0  # rows per worker; 0 = 8 batches
+    prefetch_batches: int = 2
+    eval_prompts: tuple[str, ...] = ()  # empty = the first distinct captions of the dataset
+    register: str = ""
+    registry: str = ""
+    address: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's model
+    train: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's TrainConfig
+
+
+TRAIN_OPTIONS = ("steps", "batch_size", "checkpoint_every")  # options that override `train:` keys
+
+
+def make_job(config_file: str | None = None, **options: Any) -> JobConfig:
+    """Defaults < job file < options (None = not given); unknown job-file keys are errors naming the key."""
+    data = load_file(config_file) if config_file else {}
+    job = from_dict(JobConfig, data, where=str(config_file) if data else "job")
+    train = dict(job.train)
+    train.update({k: options.pop(k) for k in TRAIN_OPTIONS if options.get(k) is not None})
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(JobConfig)})
+    if unknown:
+        raise ConfigError(f"train: unknown option {unknown[0]!r}")
+    job = dataclasses.replace(job, train=train, **{k: v for k, v in options.items() if v is not None})
+    job = dataclasses.replace(job, address=job.address or os.environ.get("RAY_ADDRESS", ""))
+    for name in ("data", "model", "out"):
+        if not getattr(job, name):
+            raise ConfigError(f"--{name} is required (or `{name}:` in the job file)")
+    checks = [(job.workers >= 1, "--workers must be >= 1"), (job.keep >= 1, "--keep must be >= 1"),
+              (job.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0"),
+              (job.cpus_per_worker >= 0, "--cpus-per-worker must be >= 0"),
+              (job.max_failures >= -1, "--max-failures must be >= -1 (-1 = unlimited)")]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    get_preset(job.model)  # an unknown preset is named before any data is read
+    return dataclasses.replace(job, data=normal_url(job.data), out=normal_url(job.out))
+
+
+def normal_url(url: str) -> str:
+    """Local paths absolute (workers run in their own directories); object-store URLs as given."""
+    proto, path = storage.split(url)
+    return path if proto == "file" else f"{proto}://{path}"
+
+
+def worker_resources(job: JobConfig, total_cpus: float) -> tuple[float, int]:
+    """(CPUs reserved per worker, torch threads per worker) on a cluster of `total_cpus`.
+
+    On a small machine, workers that reserve every CPU leave none for Ray Data's read tasks and the
+    job hangs silently; a quarter-CPU granularity share of half the cluster keeps room for them.
+    """
+    cpus = job.cpus_per_worker or max(0.25, min(8.0, int(4 * total_cpus / (2 * job.workers)) / 4))
+    threads = job.threads_per_worker or max(1, int(round(2 * cpus)))
+    if job.gpus_per_worker == 0 and cpus * job.workers > total_cpus:
+        raise ConfigError(f"{job.workers} workers x {cpus} CPUs exceed the cluster's {total_cpus:g} CPUs "
+                          "(lower --cpus-per-worker; fractions are fine)")
+    return cpus, threads
+
+
+def resolve_model(job: JobConfig, manifest: dict) -> tuple[Any, TrainConfig]:
+    """The preset with the job's overrides; text_dim follows the dataset's encoder."""
+    preset = get_preset(job.model)
+    dim = int(manifest["encoder"]["dim"])
+    model_over = dict(job.model_config)
+    if "text_dim" not in model_over and preset.model.text_dim != dim:
+        log.info("model: text_dim %d -> %d (the dataset's encoder %s)", preset.model.text_dim, dim,
+                 manifest["encoder"].get("name"))
+        model_over["text_dim"] = dim
+    try:
+        model_cfg = replace(preset.model, **model_over) if model_over else preset.model
+    except ConfigError as e:
+        raise ConfigError(f"model_config: {e}") from None
+    train_cfg = replace(preset.train, **job.train) if job.train else preset.train
+    if job.log_every:
+        train_cfg = replace(train_cfg, log_every=job.log_every)
+    res = int(manifest["image"]["resolution"])
+    if model_cfg.resolution != res:
+        raise ConfigError(f"{storage.describe(job.data)} holds {res} px images but {job.model} trains at "
+                          f"{model_cfg.resolution} px (embed at {model_cfg.resolution} px, or set "
+                          f"model_config.resolution in the job file)")
+    if model_cfg.text_dim != dim:
+        raise ConfigError(f"model_config.text_dim {model_cfg.text_dim} does not match the dataset's encoder "
+                          f"dim {dim}")
+    rows = int(manifest["counts"]["kept"])
+    if train_cfg.steps < 1:
+        raise ConfigError("--steps must be >= 1")
+    if train_cfg.batch_size % job.workers:
+        raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --workers {job.workers} "
+                          "(the global batch is split evenly over the workers)")
+    if rows < train_cfg.batch_size:
+        raise ConfigError(f"{storage.describe(job.data)} has {rows} samples, fewer than one global batch "
+                          f"({train_cfg.batch_size})")
+    return model_cfg, train_cfg
+
+
+def write_run_config(job: JobConfig, model_cfg: Any, train_cfg: TrainConfig, manifest: dict) -> dict:
+    """config.json in the run dir; a run dir that holds another model is refused."""
+    cfg = {
+        "job": {k: v for k, v in to_dict(job).items() if k not in ("address",)},
+        "preset": job.model,
+        "model": to_dict(model_cfg),
+        "train": to_dict(train_cfg),
+        "encoder": manifest["encoder"],
+        "dataset": {"url": storage.describe(job.data), "digest": manifest["digest"],
+                    "rows": int(manifest["counts"]["kept"]), "resolution": int(manifest["image"]["resolution"])},
+    }
+    url = storage.url_join(job.out, "config.json")
+    if storage.exists(url):
+        try:
+            old = json.loads(storage.read_bytes(url))
+        except ValueError:
+            raise T2IError(f"{storage.describe(url)}: not valid JSON; use a new --out") from None
+        diff = first_difference(old.get("model"), cfg["model"], names=("there", "now"))
+        if diff:
+            raise T2IError(f"{storage.describe(job.out)} holds a run of another model (model.{diff}); "
+                           "use a new --out to start a fresh run")
+        old_digest = (old.get("dataset") or {}).get("digest")
+        if old_digest and old_digest != manifest["digest"]:
+            log.warning("resuming %s on a different dataset (digest %s, the run started on %s)",
+                        storage.describe(job.out), manifest["digest"][:19], old_digest[:19])
+    storage.write_text(url, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def dataset_prompts(job: JobConfig, manifest: dict) -> EvalPrompts:
+    """Fixed eval prompts for the sample grids, as text features of the dataset's own encoder.
+
+    The job's `eval_prompts` are embedded here with that encoder; without them, the first distinct
+    captions (in key order) of the dataset's first part are used with their stored features: the
+    same prompts for the same dataset, one part read, and no encoder needed here.
+    """
+    dim = int(manifest["encoder"]["dim"])
+    if job.eval_prompts:
+        spec = from_dict(EncoderSpec, manifest["encoder"], where="manifest encoder")
+        enc = TextEncoder(spec).encode(list(job.eval_prompts))
+        return EvalPrompts(list(job.eval_prompts), list(enc.tokens), np.asarray(enc.pooled), per_prompt=1)
+    table = read_part(job.data, manifest["parts"][0], columns=["key", "caption", "text_tokens", "text_pooled"])
+    table = table.sort_by("key")
+    seen: dict[str, int] = {}
+    for i, c in enumerate(table.column("caption").to_pylist()):
+        if c not in seen and len(seen) < EVAL_PROMPTS:
+            seen[c] = i
+    rows = list(seen.values())
+    tok = table.column("text_tokens").to_pylist()
+    pooled = table.column("text_pooled").to_pylist()
+    return EvalPrompts(list(seen), [np.frombuffer(tok[i], np.float16).reshape(-1, dim).copy() for i in rows],
+                       np.stack([np.frombuffer(pooled[i], np.float16) for i in rows]), per_prompt=1)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def resume_point(run_url: str, tracked_step: int = -1) -> tuple[str | None, bool]:
+    """(checkpoint URL to resume from, whether the caller's tracker already holds it).
+
+    `tracked_step` is the newest checkpoint the caller's own bookkeeping knows (Ray Train's latest
+    reported one), which can lag our newest finished one by a report (a worker died between the
+    save and the report); the newer of the two wins.
+    """
+    ours = list_checkpoints(run_url)
+    if ours and ours[-1][0] > tracked_step:
+        return ours[-1][1], False
+    if tracked_step < 0:
+        return None, False
+    return checkpoint_url(run_url, tracked_step), True
+
+
+def clean_unfinished(run_url: str, resumed_step: int) -> None:
+    """Checkpoint dirs without digests (a save cut short) or past the resume point are dead weight."""
+    done = {u for _, u in list_checkpoints(run_url)}
+    for step, url in list_checkpoints(run_url, complete_only=False):
+        if url not in done or step > resumed_step:
+            storage.delete(storage.url_join(url, DIGESTS))
+            storage.delete(url, recursive=True)
+
+
+class Run:
+    """One rank's side of a run: resume, log, checkpoint (rank 0 writes files), where the data is.
+
+    `epoch` / `epoch_step` say where this rank is in the data; a checkpoint records them and a
+    resume starts the next epoch when the saved one was partly done.
+    """
+
+    def __init__(self, run_url: str, state: TrainState, *, rank: int = 0, world: int = 1, encoder: Any = None,
+                 data_url: str = "", dataset_digest: str = "", prompts: EvalPrompts | None = None,
+                 launch: str = ""):
+        self.url, self.state, self.rank, self.world = run_url, state, rank, world
+        self.encoder = to_dict(encoder) if dataclasses.is_dataclass(encoder) else encoder
+        self.data_url, self.dataset_digest, self.prompts, self.launch = data_url, dataset_digest, prompts, launch
+        self.files = RunFiles(run_url) if rank == 0 else None
+        self.epoch = self.epoch_step = 0
+        self.last_ckpt = -1
+        self.last_metrics: dict = {}
+
+    def resume(self, url: str | None) -> dict:
+        """Load `url` (None: a fresh start) on every rank; returns the start event (rank 0 records it)."""
+        start = {"event": "start", "launch": self.launch, "world": self.world, "resumed_from": None,
+                 "step": 0, "pids": gather(os.getpid()), "hosts": gather(socket.gethostname()),
+                 "device": str(self.state.runtime.device), "threads": torch.get_num_threads()}
+        if url is not None:
+            ck = load_checkpoint(url, self.state, map_location=self.state.runtime.device)
+            pos = ck.meta.get("data_position") or {}
+            self.epoch = int(pos.get("epoch", 0)) + (1 if pos.get("epoch_step") else 0)
+            self.last_ckpt = self.state.step
+            # What the checkpoint says it saved and what loading it gave: a resume is checkable
+            # even when the worker died before the checkpoint's event was written.
+            start.update(resumed_from=storage.describe(url), step=self.state.step,
+                         saved=ck.meta.get("state_digests") if self.rank == 0 else None,
+                         restored=state_digests(self.state) if self.rank == 0 else None)
+        if self.rank == 0:
+            clean_unfinished(self.url, self.state.step)
+            self.files.start(self.state.step)
+            start["attempt"] = 1 + sum(1 for e in self.files.events()
+                                       if e.get("event") == "start" and e.get("launch") == self.launch)
+            self.files.event(start)
+        return start
+
+    def decide_resume(self, tracked_step: int = -1) -> tuple[str | None, bool]:
+        """Rank 0 picks the resume point; every rank gets its answer."""
+        return broadcast(resume_point(self.url, tracked_step) if self.rank == 0 else (None, False))
+
+    def log(self, rec: dict) -> None:
+        rec = {"epoch": self.epoch, **rec}
+        self.last_metrics = rec
+        if self.rank == 0:
+            self.files.metric(rec)
+
+    def event(self, rec: dict) -> None:
+        if self.rank == 0:
+            self.files.event(rec)
+
+    def save(self) -> str:
+        """Rank 0 writes the checkpoint (weights, EMA, optimizers, data position) and a sample grid."""
+        step = self.state.step
+        url = checkpoint_url(self.url, step)
+        if self.rank == 0:
+            self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
+            t0 = time.perf_counter()
+            digests = state_digests(self.state)  # weights, EMA, optimizers: a resume is checked against them
+            save_checkpoint(url, self.state, encoder_spec=self.encoder, meta_extra={
+                "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step}, "state_digests": digests,
+                "metrics": self.metrics(), "run_url": storage.describe(self.url),
+                "dataset_url": storage.describe(self.data_url), "dataset_digest": self.dataset_digest,
+            })
+            saved = time.perf_counter() - t0
+            if self.prompts is not None:
+                write_samples(self.state, self.prompts, storage.url_join(self.url, "samples", f"step_{step:06d}.png"))
+            self.files.event({"event": "checkpoint", "step": step, "url": storage.describe(url),
+                              "save_s": round(saved, 3), "total_s": round(time.perf_counter() - t0, 3),
+                              "state": digests})
+        self.last_ckpt = step
+        return url
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
