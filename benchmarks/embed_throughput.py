@@ -1,13 +1,13 @@
 """Embed throughput: the Ray Data job vs a bare single-process loop doing the same work.
 
-Both sides run the same stage functions from `t2i.data.embedded` on the same shapes shards with
+Both sides run the same stage functions from `t2i.data.embed` on the same shapes shards with
 the same encoder and batch size: read + parse + decode/resize, encode captions, write Parquet
 parts, manifest. The bare loop runs two ways: as a fresh process (`python this.py --child ...`,
 timed from spawn to exit: interpreter, torch/transformers imports and model load included, as
 the Ray job's encoder actors pay them) and inside this already-warm process (imports excluded).
 Each runs with torch's default threads and with 1 thread; the best is the baseline. The Ray job
-is `t2i embed` on a local Ray cluster started (and timed) beforehand, so `ray.init` is reported
-separately. Rounds alternate the paths to share the machine's noise; the best round of each
+is `pipelines.embed.embed` on a local Ray cluster started (and timed) beforehand, so `ray.init` is
+reported separately. Rounds alternate the paths to share the machine's noise; the best round of each
 counts.
 
     python benchmarks/embed_throughput.py [--num 5000] [--resolution 32] [--rounds 2]
@@ -19,44 +19,47 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from _report import write_section  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from _report import write_section  # noqa: E402
 
+from t2i.data import embed as stages  # noqa: E402
+from t2i.data.embedded import read_manifest  # noqa: E402
+from t2i.data.shapes import write_shapes  # noqa: E402
+
+# Ray and `pipelines` are imported only where the Ray side runs: the bare loop's fresh process
+# (`--child`) must not pay for them, and the baseline must not depend on them.
 
 
 def bare_loop(shards: list[str], out: str, resolution: int, batch_size: int, encoder_name: str,
               rows_per_part: int, threads: int) -> dict:
     """The same stages as the Ray job, in one process, one after the other."""
-    import pyarrow as pa
-    import torch
-
-    from t2i.config import EncoderSpec
-    from t2i.data.embedded import Accumulator, encode_rows, shard_rows, write_rows
-    from t2i.text import TextEncoder
-
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    enc = TextEncoder(EncoderSpec(name=encoder_name), device="cpu", batch_size=batch_size)
-    acc = Accumulator(shards)
+    enc = stages.load_encoder(stages.encoder_spec(encoder_name), batch_size, device="cpu")
+    acc = stages.Accumulator(shards)
     pending: list = []
     n_pending = 0
     for i, url in enumerate(shards):
-        for table in shard_rows(url, i, resolution, 0, batch_size):
-            pending.append(encode_rows(enc, table))
+        for table in stages.shard_rows(url, i, resolution, 0, batch_size):
+            pending.append(stages.encode_rows(enc, table))
             n_pending += pending[-1].num_rows
             if n_pending >= rows_per_part:
-                acc.add(write_rows(out, pa.concat_tables(pending)))
+                acc.add(stages.write_rows(out, pa.concat_tables(pending)))
                 pending, n_pending = [], 0
     if pending:
-        acc.add(write_rows(out, pa.concat_tables(pending)))
+        acc.add(stages.write_rows(out, pa.concat_tables(pending)))
     manifest = acc.finish(out, data="bench", resolution=resolution, encoder_fallback={})
     secs = time.perf_counter() - t0
     return {"seconds": secs, "read": manifest["counts"]["read"], "kept": manifest["counts"]["kept"],
@@ -67,8 +70,6 @@ def bare_loop(shards: list[str], out: str, resolution: int, batch_size: int, enc
 def bare_fresh(shards: list[str], out: str, resolution: int, batch_size: int, encoder_name: str,
                rows_per_part: int, threads: int) -> dict:
     """`bare_loop` in a new Python process, timed from spawn to exit."""
-    import subprocess
-
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(
         {"shards": shards, "out": out, "resolution": resolution, "batch_size": batch_size,
          "encoder_name": encoder_name, "rows_per_part": rows_per_part, "threads": threads})]
@@ -83,18 +84,12 @@ def bare_fresh(shards: list[str], out: str, resolution: int, batch_size: int, en
 
 
 def ray_job(data: str, out: str, resolution: int, batch_size: int, encoder_name: str, rows_per_part: int) -> dict:
-    from pipelines import embed as job
-    from t2i.data.embedded import read_manifest
+    from pipelines.embed import embed  # the Ray side only (see the imports above)
 
-    parser = argparse.ArgumentParser()
-    job.add_arguments(parser)
-    args = parser.parse_args([
-        "--data", data, "--out", out, "--resolution", str(resolution), "--batch-size", str(batch_size),
-        "--encoder", encoder_name, "--rows-per-part", str(rows_per_part)])
     t0 = time.perf_counter()
-    job.run(args)
+    m = embed(data, out, encoder=encoder_name, resolution=resolution, batch_size=batch_size,
+              rows_per_part=rows_per_part)["manifest"]
     secs = time.perf_counter() - t0
-    m = read_manifest(out)
     return {"seconds": secs, "read": m["counts"]["read"], "kept": m["counts"]["kept"],
             "samples_per_s": m["counts"]["read"] / secs, "digest": m["digest"], "load_avg_1min": os.getloadavg()[0]}
 
@@ -166,9 +161,7 @@ def main() -> int:
             write_markdown(json.load(f))
         return 0
 
-    import ray
-
-    from t2i.data.shapes import write_shapes
+    import ray  # the Ray side only (see the imports above)
 
     tmp = tempfile.mkdtemp(prefix="embed-bench-")
     data = os.path.join(tmp, "shards")
@@ -203,8 +196,6 @@ def main() -> int:
             print(f"round {k}: ray fixed cost ({n_small} samples) {ray_small[-1]['seconds']:.1f} s", flush=True)
     finally:
         ray.shutdown()
-    from t2i.data.embedded import read_manifest
-
     m = read_manifest(os.path.join(tmp, "ray0"))
     best_fresh = max((x for x in bare_runs if x["how"] == "fresh"), key=lambda x: x["samples_per_s"])
     best_warm = max((x for x in bare_runs if x["how"] == "warm"), key=lambda x: x["samples_per_s"])
@@ -235,8 +226,6 @@ def main() -> int:
         with open(results, "w") as f:
             json.dump(result, f, indent=1)
         write_markdown(result)
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""Device, dtype, distributed setup and seeding: the one place that decides them."""
+"""Device, dtype, distributed setup, seeding and per-row noise: the one place that decides them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import resource
+from typing import Sequence
 
 import torch
 
@@ -77,6 +78,27 @@ def seed_from(*parts: object) -> int:
     """
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def row_draws(rows: Sequence[tuple], draws: Sequence[tuple[str, tuple[int, ...]]], device: torch.device | str = "cpu",
+              batch_key: tuple | None = None) -> list[torch.Tensor]:
+    """Per-row random tensors: for each (kind, shape) in `draws` ("normal" or "uniform"), [B, *shape].
+
+    Row i draws, in order, from a generator seeded from `rows[i]` (its sample's or prompt's ids), so
+    its values never depend on the batch, its position or the worker. Given `batch_key`, a draw on
+    an accelerator instead uses one device generator seeded from it (per-row CPU generators would
+    cost a host-to-device copy every step); that is still a function of the ids, never of the rank.
+    """
+    device = torch.device(device)
+    fns = {"normal": torch.randn, "uniform": torch.rand}
+    if batch_key is not None and device.type != "cpu":
+        g = torch.Generator(device=device).manual_seed(seed_from(*batch_key))
+        return [fns[kind]((len(rows), *shape), generator=g, device=device) for kind, shape in draws]
+    per_row = []
+    for parts in rows:
+        g = torch.Generator().manual_seed(seed_from(*parts))
+        per_row.append([fns[kind](shape, generator=g) for kind, shape in draws])
+    return [torch.stack(cols).to(device) for cols in zip(*per_row)]
 
 
 def memory_mb(device: torch.device) -> float:

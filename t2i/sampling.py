@@ -11,18 +11,15 @@ import logging
 import torch
 
 from t2i.errors import T2IError
-from t2i.runtime import seed_from
+from t2i.runtime import row_draws
 
 log = logging.getLogger("t2i.sampling")
 
 
 def row_noise(seeds: list[int], ids: list[str], shape: tuple[int, ...], device="cpu") -> torch.Tensor:
-    """[B, *shape] standard normal noise, row i drawn from a generator seeded by (seeds[i], ids[i])."""
-    rows = []
-    for s, i in zip(seeds, ids):
-        g = torch.Generator().manual_seed(seed_from(int(s), str(i)))
-        rows.append(torch.randn(shape, generator=g))  # on CPU: bit-identical across devices
-    return torch.stack(rows).to(device)
+    """[B, *shape] standard normal noise, row i from (seeds[i], ids[i]) alone; drawn on the CPU, so
+    the same on every device."""
+    return row_draws([(int(s), str(i)) for s, i in zip(seeds, ids)], [("normal", shape)])[0].to(device)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

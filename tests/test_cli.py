@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import free_port
 
 T2I = str(Path(sys.executable).parent / "t2i")

@@ -16,8 +16,8 @@ from PIL import Image
 from pipelines import embed as embed_job
 from pipelines.embed import embed
 from t2i import storage
-from t2i.data.embed import summary_line
 from t2i.data import embedded as E
+from t2i.data.embed import summary_line
 from t2i.data.shapes import encode_png, render, write_shapes
 from t2i.errors import T2IError
 

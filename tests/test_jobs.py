@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, free_port_range
+
 from pipelines.data import shapes
 
 BIN = Path(sys.executable).parent

@@ -26,8 +26,16 @@ import pyarrow as pa
 
 from t2i import storage
 from t2i.config import EncoderSpec, from_dict, to_dict
-from t2i.data.embedded import (COLUMNS, ERRORS, MANIFEST, finalize_manifest, read_part, write_errors,
-                               write_manifest, write_part)
+from t2i.data.embedded import (
+    COLUMNS,
+    ERRORS,
+    MANIFEST,
+    finalize_manifest,
+    read_part,
+    write_errors,
+    write_manifest,
+    write_part,
+)
 from t2i.data.shards import Skip, SkipSample, iter_samples, parse_sample
 from t2i.errors import ConfigError, IntegrityError, T2IError
 

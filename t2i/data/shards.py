@@ -1,9 +1,10 @@
 """WebDataset shards: list them, stream their samples, parse a sample into (image, caption).
 
 A sample is the run of consecutive tar members sharing a key (the member path up to the first
-dot of its basename). The reader is a small ustar/GNU/pax header parser rather than `tarfile`,
-because what a damaged shard loses must be exact: a tar cut inside a member loses that sample
-only (a `Skip("truncated")`), a tar cut at a header boundary loses nothing that was complete.
+dot of its basename). The reader is a small ustar/GNU/pax header parser rather than `tarfile` or
+webdataset's reader, because what a damaged shard loses must be exact: a tar cut inside a member
+loses that sample only (a `Skip("truncated")`), a tar cut at a header boundary loses nothing that
+was complete. On clean shards it sees what webdataset sees (tests/test_shards.py checks).
 Pickle-type members are dropped unread, never deserialized.
 """
 

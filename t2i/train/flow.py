@@ -8,7 +8,7 @@ import torch
 
 from t2i.config import TrainConfig
 from t2i.models.flow import FlowDiT
-from t2i.runtime import Runtime, seed_from
+from t2i.runtime import Runtime, row_draws
 from t2i.train.losses import flow_matching_loss, logit_normal_t
 from t2i.train.state import (
     TrainState,
@@ -31,27 +31,11 @@ def make_flow_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) ->
 
 
 def flow_noise(seeds: torch.Tensor, step: int, shape: tuple[int, ...], device: torch.device):
-    """Per-sample (eps [B,*shape], n [B], u [B]) for one step, from (sample seed, step) only.
-
-    On CPU every row has its own generator, so a sample's noise is the same whatever batch or
-    worker it lands in. On accelerators one device generator seeded from (step, all seeds) keeps
-    the draw on the device; it is still a function of the sample ids, never of the rank.
-    """
-    seeds = [int(s) for s in seeds.tolist()]
-    if device.type == "cpu":
-        eps, nu = [], []
-        for s in seeds:
-            g = torch.Generator().manual_seed(seed_from(s, step))
-            nu.append(torch.randn(1, generator=g).item())
-            nu.append(torch.rand(1, generator=g).item())
-            eps.append(torch.randn(shape, generator=g))
-        nu_t = torch.tensor(nu).view(-1, 2)
-        return torch.stack(eps), nu_t[:, 0], nu_t[:, 1]
-    g = torch.Generator(device=device).manual_seed(seed_from(step, *seeds))
-    B = len(seeds)
-    n = torch.randn(B, generator=g, device=device)
-    u = torch.rand(B, generator=g, device=device)
-    return torch.randn((B, *shape), generator=g, device=device), n, u
+    """Per-sample (eps [B,*shape], n [B], u [B]) for one step, from (sample seed, step) only."""
+    seeds_l = [int(s) for s in seeds.tolist()]
+    n, u, eps = row_draws([(s, step) for s in seeds_l], [("normal", (1,)), ("uniform", (1,)), ("normal", shape)],
+                          device, batch_key=(step, *seeds_l))
+    return eps, n[:, 0], u[:, 0]
 
 
 def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from t2i.config import TrainConfig
 from t2i.models.gan import Discriminator, Generator
-from t2i.runtime import Runtime, seed_from
+from t2i.runtime import Runtime, row_draws
 from t2i.train.losses import grad_sq_norm, matching_loss, rpgan_d_loss, rpgan_g_loss
 from t2i.train.state import (
     TrainState,
@@ -41,17 +41,10 @@ def make_gan_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> 
 
 
 def gan_noise(seeds: torch.Tensor, step: int, z_dim: int, device: torch.device) -> torch.Tensor:
-    """z [B, z_dim] for one step from (sample seed, step) only, never from the rank.
-
-    On CPU each row has its own generator (a sample's z does not depend on its batch); on
-    accelerators one device generator seeded from (step, all seeds) keeps the draw on the device.
-    """
+    """z [B, z_dim] for one step from (sample seed, step) only, never from the rank."""
     seeds_l = [int(s) for s in seeds.tolist()]
-    if device.type == "cpu":
-        return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(seed_from(s, step, "z")))
-                            for s in seeds_l])
-    g = torch.Generator(device=device).manual_seed(seed_from(step, "z", *seeds_l))
-    return torch.randn((len(seeds_l), z_dim), generator=g, device=device)
+    return row_draws([(s, step, "z") for s in seeds_l], [("normal", (z_dim,))], device,
+                     batch_key=(step, "z", *seeds_l))[0]
 
 
 def _sync_grads(module: nn.Module) -> None:
