@@ -132,8 +132,8 @@ def write_markdown(result: dict) -> None:
         f"{result['ratio_steady_vs_warm']:.2f} x the warm bare loop.",
         "",
         f"1-minute load average during the runs: {result['load_avg']} on {result['cpus']} cores. The Ray job "
-        "runs one single-threaded encoder actor per core on small machines (`plan_resources` in "
-        "`pipelines/embed.py`): OpenMP threads that wait for each other lose their core whenever anything "
+        "runs one single-threaded encoder actor per core on small machines (`plan_encoders` in "
+        "`t2i/data/embed.py`): OpenMP threads that wait for each other lose their core whenever anything "
         "else runs, so one 2-thread encoder degrades much more than two 1-thread ones on a shared CPU.",
     ]
     section = "\n".join(lines)

@@ -34,7 +34,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 from _report import write_section  # noqa: E402
 
-from pipelines import generate as ray_gen  # noqa: E402  (the Ray side only; the bare loop uses t2i alone)
 from t2i import checkpoint as ck  # noqa: E402
 from t2i import generate as gen  # noqa: E402
 from t2i.config import EncoderSpec, replace  # noqa: E402
@@ -78,6 +77,8 @@ def bare_loop(registry: str, card: dict, prompts: str, out: str, batch_size: int
 
 def ray_job(registry: str, card: dict, prompts: str, out: str, batch_size: int) -> dict:
     t0 = time.perf_counter()
+    from pipelines import generate as ray_gen  # the Ray side only; the bare loop uses t2i alone
+
     s = ray_gen.generate(card["ref"], prompts, out, registry=registry, batch_size=batch_size)
     secs = time.perf_counter() - t0
     return {"seconds": secs, "images": s["images"], "images_per_s": s["images"] / secs}

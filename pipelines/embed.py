@@ -42,7 +42,7 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
     started = cluster.connect(address)
     try:
         t_ready = time.perf_counter()
-        plan = plan_resources(ray.cluster_resources(), encoders, encoder_threads)
+        plan = job.plan_encoders(ray.cluster_resources(), encoders, encoder_threads)
         log.info("embed: %d shards from %s -> %s; %d encoder actor(s) (%s), %d px, batch %d",
                  len(urls), storage.describe(data), storage.describe(out), plan["encoders"],
                  "GPU" if "num_gpus" in plan["actor"] else f"CPU, {plan['threads']} threads",
@@ -112,31 +112,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- Ray glue
-
-def plan_resources(cluster_resources: dict, encoders: int | None, threads: int | None) -> dict:
-    """Encoder actors and CPU shares for the cluster.
-
-    GPUs: one actor per GPU. Small CPU machines (<= 4 cores): one single-threaded actor per core.
-    Measured on 2 shared cores, two 1-thread actors used a third of the CPU time of one 2-thread
-    actor for the same captions (OpenMP threads spin while they wait for each other, and lose
-    their core whenever another process runs), and finished 2-4x sooner. Fractional CPU
-    requests keep room for the read and write tasks: whole-CPU actors on 2 cores leave none, and
-    the job stalls without a word. Bigger machines: 4-thread actors on three quarters of the CPUs.
-    """
-    cpus = float(cluster_resources.get("CPU", 1))
-    gpus = int(cluster_resources.get("GPU", 0))
-    if gpus:
-        n = encoders or gpus
-        return {"encoders": n, "actor": {"num_gpus": 1, "num_cpus": 1.0 if cpus >= 2 * n else 0.5},
-                "threads": threads, "task_cpus": 0.5 if cpus <= 4 else 1.0}
-    if cpus <= 4:
-        n = encoders or max(1, int(cpus))
-        return {"encoders": n, "actor": {"num_cpus": min(1.0, cpus / (2 * n))},
-                "threads": threads or max(1, int(cpus) // n), "task_cpus": 0.25}
-    t = threads or 4
-    n = encoders or max(1, int(cpus * 0.75) // t)
-    return {"encoders": n, "actor": {"num_cpus": float(t)}, "threads": t, "task_cpus": 1.0}
-
 
 def _read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):
     """Task UDF: one input row per shard -> tables of decoded samples and skips."""

@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU training)")
     p.add_argument("--cpus-per-worker", type=float,
-                   help="CPUs reserved per worker; fractions are fine (default: a share that leaves room for data tasks)")
+                   help="CPUs reserved per worker; fractions are fine "
+                        "(default: a share that leaves room for data tasks)")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: 2 x the CPU reservation)")
     p.add_argument("--steps", type=int, help="train until this global step (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="global batch size, split evenly over the workers")
@@ -124,7 +125,8 @@ def report(run: Run, ctx: Any, metrics: dict, step: int) -> None:
     if run.rank == 0:
         st = ctx.get_storage()
         ck = ray.train.Checkpoint(path=f"{st.experiment_fs_path}/checkpoints/{name}", filesystem=st.storage_filesystem)
-    ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def tracked_step() -> int:
@@ -169,7 +171,8 @@ def train_func(cfg: dict) -> dict:
             now = time.time()
             w.event({"event": "first_step", "step": _state.step, "since_launch_s": round(now - cfg["launched"], 3),
                      "startup_s": {"driver": round(cfg["fit_called"] - cfg["launched"], 3),
-                                   "ray_train": round(entered - cfg["fit_called"], 3), "model": round(ready - entered, 3),
+                                   "ray_train": round(entered - cfg["fit_called"], 3),
+                                   "model": round(ready - entered, 3),
                                    "first_batch": round(wait, 3), "first_step": round(now - ready - wait, 3)}})
 
     def on_checkpoint(_state) -> None:

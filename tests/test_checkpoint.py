@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,25 +56,18 @@ def base(request, tmp_path):
 
 @pytest.mark.parametrize("preset,where", [("gan-debug", "local"), ("flow-debug", "local"), ("flow-debug", "s3")])
 def test_round_trip_bit_exact(preset, where, tmp_path, request):
-    """Weights, EMA, optimizer state, step, samples seen and RNG come back bit for bit, and training
-    continues from the loaded state exactly as it would have without the checkpoint."""
+    """Weights, EMA, optimizer state, step and samples seen come back bit for bit, and training
+    continues from the loaded state exactly as it would have without the checkpoint (no process RNG
+    is saved: every draw in training is seeded from sample ids and the step)."""
     base = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3")
     a = state_for(preset)
     train_step(a, batch_for(a, 1))
     a.samples_seen = 4
     url = ck.checkpoint_url(base, a.step)
-    torch.manual_seed(123)
-    np.random.seed(7)
-    random.seed(9)
     ck.save_checkpoint(url, a, encoder_spec=EncoderSpec(), meta_extra={"data_position": {"epoch": 1}})
-    expect_rng = (torch.rand(3), np.random.rand(2), random.random())
 
     b = state_for(preset)
-    torch.manual_seed(0)
     ck.load_checkpoint(url, b)
-    got_rng = (torch.rand(3), np.random.rand(2), random.random())
-    assert torch.equal(expect_rng[0], got_rng[0]) and np.array_equal(expect_rng[1], got_rng[1])
-    assert expect_rng[2] == got_rng[2]
     assert (b.step, b.samples_seen) == (1, 4)
     for name in a.modules:
         assert_same_structure(a.modules[name].state_dict(), b.modules[name].state_dict(), name)

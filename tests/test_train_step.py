@@ -36,7 +36,7 @@ def test_step_returns_device_tensors_and_the_meter_reads_them_once(preset):
         assert isinstance(m["lr"], float)  # host-side values stay floats
         steps.append(metric_floats(m))
         meter.add(0.0, 4, m)
-    rec = meter.summary(state, world_size=1)
+    rec = meter.summary(state)
     for k in steps[0]:
         assert rec[k] == pytest.approx(sum(s[k] for s in steps) / 3, rel=1e-5), k
         assert isinstance(rec[k], float)
@@ -72,5 +72,5 @@ def test_step_never_waits_for_the_gpu(preset):
             meter.add(0.0, 8, train_step(state, b))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    rec = meter.summary(state, world_size=1)
+    rec = meter.summary(state)
     assert math.isfinite(rec["loss"])

@@ -74,7 +74,8 @@ def make_job(config_file: str | None = None, **options: Any) -> JobConfig:
     data = load_file(config_file) if config_file else {}
     job = from_dict(JobConfig, data, where=str(config_file) if data else "job")
     train = dict(job.train)
-    train.update({k: options.pop(k) for k in TRAIN_OPTIONS if options.get(k) is not None})
+    given = {k: options.pop(k, None) for k in TRAIN_OPTIONS}
+    train.update({k: v for k, v in given.items() if v is not None})
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(JobConfig)})
     if unknown:
         raise ConfigError(f"train: unknown option {unknown[0]!r}")
