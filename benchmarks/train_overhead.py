@@ -1,7 +1,7 @@
-"""Benchmark: what Ray Train costs over a bare torch.distributed loop running the same train_step.
+"""Benchmark: what Ray Train costs over a bare torch.distributed loop running the same training loop.
 
 Same embedded dataset (shapes, MiniLM features), same preset, same global batch, same step count,
-same DDP wrapping and batch collation (`t2i.distributed`), for each model:
+same loop (`t2i.train.loop.fit`), DDP wrapping (`t2i.train.distributed`) and batch collation, for each model:
 
   t2i train, 2 workers x 1 thread (0.5 CPU each)   vs   bare DDP, 2 processes (gloo) x 1 thread
   t2i train, 1 worker  x 2 threads                 vs   bare single process, 2 threads
@@ -249,9 +249,9 @@ def write_markdown(res: dict) -> None:
         "",
         f"{res['num']} shapes samples at {res['resolution']} px with {res['encoder']} features, global batch "
         f"{res['batch_size']}, {res['steps']} steps ({res['warmup']} warm-up steps left out), {res['device']}. "
-        "Both sides run the same `train_step`, DDP wrapping and batch collation; t2i train streams its "
-        "shard through Ray Data (`iter_torch_batches`, local shuffle buffer), the bare loop reads an "
-        f"in-memory shard. {res['rounds']} round(s); samples/s are each side's best round, the ratio is "
+        "Both sides run the same training loop (`t2i.train.loop.fit`), DDP wrapping and batch collation; "
+        "t2i train streams its shard through Ray Data (`iter_torch_batches`, local shuffle buffer), the "
+        f"bare loop reads an in-memory shard. {res['rounds']} round(s); samples/s are each side's best round, the ratio is "
         "the median of the per-round ratios (listed). 1-minute load average "
         f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end. Single rounds vary by "
         "about 10% on this machine, so compare ratios, not absolute rates. Each run starts once the machine "
