@@ -79,7 +79,7 @@ def ray_job(registry: str, card: dict, prompts: str, out: str, batch_size: int) 
     t0 = time.perf_counter()
     from pipelines import generate as ray_gen  # the Ray side only; the bare loop uses t2i alone
 
-    s = ray_gen.generate(card["ref"], prompts, out, registry=registry, batch_size=batch_size)
+    s = ray_gen.generate(card["ref"], prompts, out, registry=registry, batch_size=batch_size, local=False)
     secs = time.perf_counter() - t0
     return {"seconds": secs, "images": s["images"], "images_per_s": s["images"] / secs}
 

@@ -14,11 +14,14 @@ from t2i.errors import T2IError
 
 # Every Ray worker process runs offline and quiet: nothing is downloaded at run time.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-# Handed from the driver to the job's workers, which a cluster started earlier (or on other
-# nodes) runs without the driver's environment. Never logged or written.
-FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_HOME",
-               "TRANSFORMERS_VERBOSITY", "T2I_REGISTRY")
+# Settings (never credentials) handed from the driver to the job's workers, which a cluster
+# started earlier, or on other nodes, runs without the driver's environment. Credentials stay out
+# of Ray altogether: Ray keeps task arguments and runtime environments in its control store, shows
+# them in the dashboard and the state API, and writes runtime_env variables to its logs in clear
+# text. Workers take credentials from their own node (its environment, a credentials file, an
+# instance role); a local cluster that `connect` starts inherits the driver's environment.
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+               "HF_HOME", "TRANSFORMERS_VERBOSITY", "T2I_REGISTRY")
 
 
 def connect(address: str | None = None, log_to_driver: bool = False) -> bool:

@@ -17,23 +17,6 @@ from t2i.data import shapes as shapes_set
 from t2i.errors import ConfigError
 
 
-def parse_holdout(text: str) -> tuple[tuple[str, str], ...]:
-    """"triangle:orange,circle:purple" -> pairs; "none" or "" holds nothing out."""
-    text = text.strip()
-    if text.lower() in ("", "none"):
-        return ()
-    pairs = []
-    for item in text.split(","):
-        shape, sep, color = item.strip().partition(":")
-        if not sep:
-            raise ConfigError(f"--holdout: {item.strip()!r} is not SHAPE:COLOUR (e.g. triangle:orange)")
-        pairs.append((shape.strip(), color.strip()))
-    try:
-        return shapes_set.validate_holdout(pairs)
-    except ConfigError as e:
-        raise ConfigError(f"--holdout: {e}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     default_holdout = ",".join(f"{s}:{c}" for s, c in shapes_set.DEFAULT_HOLDOUT)
@@ -88,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset != "shapes":
         raise ConfigError(f"unknown data set {args.dataset!r}; expected 'shapes'")
     r = shapes(args.out, args.num, resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
-               holdout=parse_holdout(args.holdout), overwrite=args.overwrite)
+               holdout=shapes_set.parse_holdout(args.holdout), overwrite=args.overwrite)
     held = ", ".join(f"{s}:{c}" for s, c in r["holdout"]) or "none"
     print(f"wrote {r['num']} samples at {r['resolution']}px in {len(r['shards'])} shards to "
           f"{storage.describe(r['out'])} ({r['seconds']:.1f}s; held out: {held})")

@@ -1,8 +1,11 @@
-"""Generate images from a prompt file with a registered model, on Ray Data.
+"""Generate images from a prompt file with a registered model, on Ray Data or in this process.
 
 The work, the provenance and the output bookkeeping are `t2i.generate`; this module runs its
 `ImageMaker` in an actor pool (one actor per GPU, else single-threaded CPU actors) over the rows
-still to do. See `t2i.generate` for why the bytes do not depend on batch size or actor count.
+still to do. A few prompts (at most LOCAL_MAX still to do, no cluster address) run in this process
+instead: starting Ray and its actors takes seconds, a one-step model makes an image in
+milliseconds. Either way the bytes are the same (see `t2i.generate` for why they do not depend on
+batch size, actor count or where they are made).
 """
 
 from __future__ import annotations
@@ -10,45 +13,52 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 
 import ray
 
 from pipelines import cluster
+from t2i import generate as gen
 from t2i.errors import T2IError
-from t2i.generate import (
-    ERRORS,
-    GRID,
-    GRID_MAX,
-    MAX_DEFAULT_ACTORS,
-    MICRO_BATCH,
-    ImageMaker,
-    Job,
-    finish,
-    plan_actors,
-    prepare,
-)
 
 log = logging.getLogger("t2i.generate")
 
+LOCAL_MAX = 64  # rows still to do that run in this process unless told otherwise
+
+
+def in_process(local: bool | None, address: str | None, todo: int) -> bool:
+    """Whether to generate here: as asked, else when the job is small and no cluster is in play."""
+    if local is not None:
+        return local
+    # Already connected (the demo, a notebook): use that cluster.
+    busy = bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    return not busy and todo <= LOCAL_MAX
 
 
 def generate(model: str, prompts: str, out: str, *, registry: str | None = None, steps: int | None = None,
              guidance: float | None = None, batch_size: int = 16, seed: int = 0, actors: int | None = None,
-             grid: bool = False, address: str | None = None) -> dict:
-    """prompt file -> OUT/images/{id}.png + manifest with registered `model`, on Ray (started or
-    connected only if some image is still to make). Returns the summary of `t2i.generate.finish`:
+             grid: bool = False, address: str | None = None, local: bool | None = None) -> dict:
+    """prompt file -> OUT/images/{id}.png + manifest with registered `model`. On Ray (started or
+    connected only if some image is still to make), or in this process when `local` says so (None:
+    up to LOCAL_MAX rows with no cluster address). Returns the summary of `t2i.generate.finish`:
     written, existing, errors, images, images_per_s, seconds, out, grid, model."""
     if batch_size < 1:
         raise T2IError(f"--batch-size must be >= 1, got {batch_size}")
     if actors is not None and actors < 1:
         raise T2IError(f"--actors must be >= 1, got {actors}")
-    job = prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed)
+    job = gen.prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed)
     results, job_s = [], 0.0
-    if job.todo:
+    if job.todo and in_process(local, address, len(job.todo)):
+        log.info("generate: %d prompt(s) in this process (no Ray)", len(job.todo))
+        t0 = time.perf_counter()
+        # One thread, as the CPU actors run: some CPU reductions change their order with the thread count.
+        results = gen.local_maker(batch_size, threads=1)(job)
+        job_s = time.perf_counter() - t0
+    elif job.todo:
         started = cluster.connect(address)
         try:
-            plan = plan_actors(ray.cluster_resources(), actors)
+            plan = gen.plan_actors(ray.cluster_resources(), actors)
             # an actor with no batch to run would still pay for a model load
             plan["actors"] = min(plan["actors"], math.ceil(len(job.todo) / batch_size))
             log.info("generate: %d %s actor(s), batch size %d", plan["actors"], plan["device"], batch_size)
@@ -64,7 +74,7 @@ def generate(model: str, prompts: str, out: str, *, registry: str | None = None,
         finally:
             if started:
                 ray.shutdown()
-    return finish(job, results, job_s, grid=grid)
+    return gen.finish(job, results, job_s, grid=grid)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,28 +87,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="flow sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="flow classifier-free guidance (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16,
-                   help=f"prompts per actor call (default: %(default)s; CPU models take {MICRO_BATCH} at a time)")
+                   help=f"prompts per actor call (default: %(default)s; CPU models take {gen.MICRO_BATCH} at a time)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
     p.add_argument("--actors", type=int, default=None,
-                   help=f"generation actors (default: one per GPU, else one per CPU core up to {MAX_DEFAULT_ACTORS})")
-    p.add_argument("--grid", action="store_true", help=f"also write a contact sheet {GRID} (first {GRID_MAX} ids)")
+                   help=f"generation actors (default: one per GPU, else one per CPU core, at most "
+                        f"{gen.MAX_DEFAULT_ACTORS})")
+    p.add_argument("--grid", action="store_true",
+                   help=f"also write a contact sheet {gen.GRID} (first {gen.GRID_MAX} ids)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="local", action="store_true", default=None,
+                       help=f"generate in this process, without Ray (default for up to {LOCAL_MAX} prompts "
+                            "when no cluster address is given)")
+    where.add_argument("--ray", dest="local", action="store_false", help="generate on Ray even for a few prompts")
 
 
 def run(args: argparse.Namespace) -> int:
     s = generate(args.model, args.prompts, args.out, registry=args.registry, steps=args.steps,
                  guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, actors=args.actors,
-                 grid=args.grid, address=args.address)
-    print(f"generate: {s['written']} written ({s['images_per_s']:.2f} images/s), {s['existing']} already there, "
-          f"{s['errors']} bad prompt rows ({ERRORS}) -> {s['out']} "
-          f"[{s['images']} images in manifest{', ' + GRID if s['grid'] else ''}; {s['seconds']:.1f} s]")
+                 grid=args.grid, address=args.address, local=args.local)
+    print(gen.summary_line(s))
     return 0
 
 
 # ----------------------------------------------------------------------------- Ray glue
 
 
-class RayImageMaker(ImageMaker):
+class RayImageMaker(gen.ImageMaker):
     """The actor: takes the driver's forwarded environment before it loads anything."""
 
     def __init__(self, env: dict, **kwargs):
@@ -106,7 +121,7 @@ class RayImageMaker(ImageMaker):
         super().__init__(**kwargs)
 
 
-def run_job(job: Job, batch_size: int, plan: dict, progress_every: float = 10.0) -> list[dict]:
+def run_job(job: gen.Job, batch_size: int, plan: dict, progress_every: float = 10.0) -> list[dict]:
     """The Ray Data job over job.todo rows {id, prompt, seed}; returns the actors' result rows."""
     rows = job.todo
     kwargs = {**job.maker_kwargs(), "threads": plan["threads"], "device": plan["device"],

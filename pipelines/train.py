@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import posixpath
 import re
 import time
 import uuid
@@ -37,13 +36,22 @@ from t2i.checkpoint import prune
 from t2i.config import TrainConfig, from_dict, to_dict
 from t2i.data.batching import rows_to_batch
 from t2i.data.embedded import decode_rows, part_urls, read_manifest, read_part
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import T2IError
 from t2i.families import config_from_dict, make_state
-from t2i.registry import Registry
 from t2i.runtime import seed_from, setup_runtime
 from t2i.train.distributed import gather, param_digest, wrap_ddp
 from t2i.train.loop import Hooks, Meter, fit
-from t2i.train.run import JobConfig, Run, dataset_prompts, make_job, resolve_model, worker_resources, write_run_config
+from t2i.train.run import (
+    JobConfig,
+    Run,
+    dataset_prompts,
+    make_job,
+    register_result,
+    resolve_model,
+    summary_lines,
+    worker_resources,
+    write_run_config,
+)
 from t2i.train.runlog import Progress
 
 log = logging.getLogger("t2i.train")
@@ -81,26 +89,14 @@ def train(data: str | None = None, model: str | None = None, out: str | None = N
     launched = launched or time.time()
     job = make_job(config, data=data, model=model, out=out, **options)
     result = fit_job(job, launched)
-    if job.register:
-        reg = Registry(job.registry or None)
-        result["ref"] = reg.register(job.register, result["checkpoint"], card_extra={
-            "preset": job.model, "metrics": {k: v for k, v in (result.get("metrics") or {}).items()
-                                             if isinstance(v, (int, float))}})
-        result["registry"] = reg.where
-    return result
+    return {**result, **register_result(job, result)} if job.register else result
 
 
 def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "steps", "batch_size",
         "checkpoint_every", "log_every", "keep", "max_failures", "register", "registry", "address")}
-    out = train(args.data, args.model, args.out, config=args.config, launched=time.time(), **options)
-    m = out.get("metrics") or {}
-    losses = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k.startswith("loss"))
-    print(f"t2i train: {out['preset']} reached step {out['step']} ({out['samples_seen']} samples; {losses}); "
-          f"checkpoint {storage.describe(out['checkpoint'])}")
-    if out.get("ref"):
-        print(f"t2i train: registered {out['ref']} in {out['registry']} (dataset {out['dataset_digest']})")
+    print(summary_lines(train(args.data, args.model, args.out, config=args.config, launched=time.time(), **options)))
     return 0
 
 
@@ -166,14 +162,10 @@ def train_func(cfg: dict) -> dict:
         w.epoch_step += 1
         if first[0]:
             first[0] = False
-            # Where the fixed cost of a run goes: the driver (manifest, Ray, the dataset into the
-            # object store) and Ray Train's start-up, the model, the first batch, the first step.
-            now = time.time()
-            w.event({"event": "first_step", "step": _state.step, "since_launch_s": round(now - cfg["launched"], 3),
-                     "startup_s": {"driver": round(cfg["fit_called"] - cfg["launched"], 3),
-                                   "ray_train": round(entered - cfg["fit_called"], 3),
-                                   "model": round(ready - entered, 3),
-                                   "first_batch": round(wait, 3), "first_step": round(now - ready - wait, 3)}})
+            # Where the fixed cost goes: the driver (manifest, Ray, the dataset into the object
+            # store), Ray Train's start-up (controller, placement, worker actors, process group), ...
+            w.first_step({"launched": cfg["launched"], "driver": cfg["fit_called"], "ray_train": entered,
+                          "model": ready}, wait)
 
     def on_checkpoint(_state) -> None:
         w.save()
@@ -227,7 +219,7 @@ def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> tuple[Any
         block = max(16, train_cfg.batch_size // job.workers)
         tables = [read_part(job.data, p, columns=list(COLUMNS)) for p in manifest["parts"]]
         return ray.data.from_arrow([t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]), True
-    fs, _ = storage.pyarrow_fs(job.data, credentials=True)
+    fs, _ = storage.pyarrow_fs(job.data)
     paths = [storage.split(u)[1] for u in part_urls(job.data, manifest)]
     return ray.data.read_parquet(paths, filesystem=fs, columns=list(COLUMNS), shuffle=ray.data.FileShuffleConfig(
         seed=train_cfg.seed % 2**32, reseed_after_execution=True)), False
@@ -235,11 +227,8 @@ def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> tuple[Any
 
 def ray_storage(run_url: str) -> tuple[str, str, Any]:
     """(storage_path, name, filesystem) such that Ray Train's run dir is the run URL itself."""
-    proto, path = storage.split(run_url)
-    parent, name = posixpath.split(path.rstrip("/"))
-    if not name or not parent or (proto != "file" and "/" not in path.strip("/")):
-        raise ConfigError(f"--out {run_url}: give a directory below the filesystem root or bucket")
-    return parent, name, (None if proto == "file" else storage.pyarrow_fs(run_url, credentials=True)[0])
+    parent, name = storage.parent_and_name(run_url)
+    return parent, name, (None if storage.is_local(run_url) else storage.pyarrow_fs(run_url)[0])
 
 
 def fit_job(job: JobConfig, launched: float) -> dict:

@@ -394,6 +394,13 @@ def generate(model: str, prompts: str, out: str, *, make: Callable[[Job], list[d
     return finish(job, results, seconds, grid=grid)
 
 
+def summary_line(s: dict) -> str:
+    """What `t2i generate` prints at the end, from `finish`'s summary."""
+    return (f"generate: {s['written']} written ({s['images_per_s']:.2f} images/s), {s['existing']} already there, "
+            f"{s['errors']} bad prompt rows ({ERRORS}) -> {s['out']} "
+            f"[{s['images']} images in manifest{', ' + GRID if s['grid'] else ''}; {s['seconds']:.1f} s]")
+
+
 def plan_actors(resources: dict, actors: int | None) -> dict:
     """Actor count and per-actor resources. CPU actors get one torch thread each (see the module docstring)
     and fractional CPU slots: whole-CPU actors on a small machine leave no slot for the dataset's

@@ -14,7 +14,7 @@ from typing import Iterable
 import fsspec
 import pyarrow.fs as pafs
 
-from t2i.errors import StorageError
+from t2i.errors import ConfigError, StorageError
 
 
 def split(url: str) -> tuple[str, str]:
@@ -71,6 +71,16 @@ def url_join(base: str, *parts: str) -> str:
 
 def is_local(url: str) -> bool:
     return split(url)[0] == "file"
+
+
+def parent_and_name(url: str) -> tuple[str, str]:
+    """("/runs", "r1") for /runs/r1 or s3://b/runs/r1 (the parent without its scheme): a directory
+    below the filesystem root or a bucket, else a ConfigError."""
+    proto, path = split(url)
+    parent, name = posixpath.split(path.rstrip("/"))
+    if not name or not parent or (proto != "file" and "/" not in path.strip("/")):
+        raise ConfigError(f"{describe(url)}: give a directory below the filesystem root or bucket")
+    return parent, name
 
 
 def describe(url: str) -> str:
@@ -238,11 +248,12 @@ def glob(url: str) -> list[str]:
     return sorted(h if proto == "file" else f"{proto}://{h}" for h in hits)
 
 
-def pyarrow_fs(url: str, credentials: bool = False):
+def pyarrow_fs(url: str):
     """(pyarrow filesystem, path) for Parquet IO, built from the same environment as fsspec.
 
-    credentials=True puts the S3 keys inside the filesystem object, for processes that do not share
-    this one's environment (Ray Train's controller, Ray Data's read tasks) and get it pickled.
+    Never with explicit keys: the object is pickled to other processes (Ray Train's controller, Ray
+    Data's read tasks), and keys inside it would travel with it; each process resolves credentials
+    from its own environment (the AWS default chain) instead.
     """
     proto, path = split(url)
     if proto == "file":
@@ -256,9 +267,6 @@ def pyarrow_fs(url: str, credentials: bool = False):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kw["region"] = region
-        if credentials and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
         return pafs.S3FileSystem(**kw), path
     fs, p = filesystem(url)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p

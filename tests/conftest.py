@@ -147,9 +147,15 @@ def s3(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray cluster for the session (num_cpus=2, no dashboard)."""
+def ray_cluster(tmp_path_factory, s3_server):
+    """One local Ray cluster for the session (num_cpus=2, no dashboard).
+
+    Its processes inherit the S3 fixture's credentials from this environment, as a cluster that t2i
+    starts inherits the driver's: t2i never hands credentials to Ray.
+    """
     import ray
+
+    os.environ.update(s3_server.env())
 
     tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short path: unix socket length limit
     os.environ["TMPDIR_RAY"] = str(tmp)

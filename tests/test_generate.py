@@ -99,7 +99,7 @@ def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_pa
     outs = {}
     for bs, actors in ((4, 1), (16, 2)):
         out = str(tmp_path / f"out-{bs}-{actors}")
-        s = ray_gen.generate(model, prompts, out, registry=registry, batch_size=bs, actors=actors)
+        s = ray_gen.generate(model, prompts, out, registry=registry, batch_size=bs, actors=actors, local=False)
         assert (s["written"], s["existing"], s["errors"], s["images"]) == (40, 0, 0, 40)
         outs[(bs, actors)] = images(out)
     threads = torch.get_num_threads()
@@ -113,6 +113,8 @@ def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_pa
     assert len(a) == 40 and sorted(a) == sorted(b)
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     assert images(str(tmp_path / "out-local")) == a
+    s = ray_gen.generate(model, prompts, str(tmp_path / "out-here"), registry=registry, batch_size=5, local=True)
+    assert s["written"] == 40 and images(str(tmp_path / "out-here")) == a  # `t2i generate --local`
     # different seeds/ids really give different images (the check above is not vacuous)
     assert len(set(a.values())) == 40
     rows = manifest(str(tmp_path / "out-4-1"))
@@ -290,6 +292,33 @@ def test_cli_prints_one_summary_line(registry, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("generate: 0 written (0.00 images/s), 3 already there, 0 bad prompt rows (errors.jsonl) -> ")
     assert line.endswith(" s]") and "[3 images in manifest, grid.png; " in line and "\n" not in line
+
+
+def test_a_few_prompts_run_in_process_unless_a_cluster_is_in_play(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_gen.ray, "is_initialized", lambda: False)
+    assert ray_gen.in_process(None, None, 1) and ray_gen.in_process(None, None, ray_gen.LOCAL_MAX)
+    assert not ray_gen.in_process(None, None, ray_gen.LOCAL_MAX + 1)
+    assert not ray_gen.in_process(None, "ray://head:10001", 1)
+    assert ray_gen.in_process(True, "ray://head:10001", 10_000) and not ray_gen.in_process(False, None, 1)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not ray_gen.in_process(None, None, 1)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray_gen.ray, "is_initialized", lambda: True)
+    assert not ray_gen.in_process(None, None, 1)
+
+
+def test_cli_local_and_ray_flags(registry, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(2))
+    out = str(tmp_path / "out")
+    assert cli(["generate", "--model", "gan", "--registry", registry, "--prompts", prompts, "--out", out,
+                "--local"]) == 0
+    assert capsys.readouterr().out.startswith("generate: 2 written")
+    assert sorted(images(out)) == ["p000.png", "p001.png"]
+    with pytest.raises(SystemExit) as e:  # one or the other
+        cli(["generate", "--model", "gan", "--registry", registry, "--prompts", prompts, "--out", out,
+             "--local", "--ray"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("resources,actors,expect", [

@@ -1,7 +1,8 @@
 """Pipelines run unchanged under `ray job submit` against a real cluster (`ray start --head`).
 
 The cluster is a second, separate one on 127.0.0.1 with token auth on, so this also checks that
-a job submitted with the cluster's token works and one with a wrong token is refused.
+a job submitted with the cluster's token works and one with a wrong token is refused. Its
+dashboard is on, so the state API (`ray list ... --detail`) can be searched for leaked secrets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from conftest import REPO, free_port, free_port_range
 
 from pipelines.data import shapes
+from t2i import storage
 
 BIN = Path(sys.executable).parent
 
@@ -46,7 +48,7 @@ def ray_head(tmp_path):
     deadline = time.time() + 120
     try:
         _wait_up(head, dash, deadline, tmp_path)
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://127.0.0.1:{dash}", env, temp
     finally:
         _stop(head, temp)
 
@@ -87,7 +89,7 @@ def _submit(address, env, *entry, cwd=REPO, timeout=600):
 
 
 def test_embed_runs_under_ray_job_submit(ray_head, tmp_path, tiny_encoders):
-    address, env = ray_head
+    address, env, _ = ray_head
     shards, out = tmp_path / "shards", tmp_path / "embedded"
     assert len(shapes(str(shards), 48, resolution=16, shard_size=16)["shards"]) == 3
     job_dir = tmp_path / "job"  # a small working dir: the entry point is the installed `t2i` command
@@ -104,3 +106,53 @@ def test_embed_runs_under_ray_job_submit(ray_head, tmp_path, tiny_encoders):
     r = _submit(address, bad, "python", "-c", "print(1)", cwd=job_dir, timeout=120)
     assert r.returncode != 0
     assert "token" in (r.stdout + r.stderr).lower()
+
+
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                hits.append(str(p))
+        except OSError:  # sockets, files removed while we walk
+            continue
+    return hits
+
+
+def test_every_stage_under_ray_job_submit_on_s3_leaks_no_secret(s3, s3_server, ray_head, tmp_path, tiny_encoders):
+    """embed, a 2-worker train with registration, and generate, each a `ray job submit` job against
+    the S3 fixture. The secret key (random per session: a canary) is in the cluster's environment,
+    as a node's credentials are; it must appear nowhere in Ray's session directory (logs, spilled
+    objects), in `ray list actors/jobs/tasks --detail`, or in anything the jobs wrote."""
+    address, env, temp = ray_head
+    secret = s3_server.secret_key
+    assert env["AWS_SECRET_ACCESS_KEY"] == secret  # the head (and so every worker) holds it
+    shapes(f"{s3}/shards", 48, resolution=16, shard_size=24, progress=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na white square on a black background\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    stages = [
+        ["embed", "--data", f"{s3}/shards", "--out", f"{s3}/emb", "--encoder", tiny_encoders["encoder"],
+         "--resolution", "16", "--max-tokens", "16"],
+        ["train", "--data", f"{s3}/emb", "--model", "flow-debug", "--out", f"{s3}/run", "--workers", "2", "--steps", "4",
+         "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "2", "--register", "canary",
+         "--registry", f"{s3}/registry"],
+        ["generate", "--model", "canary", "--registry", f"{s3}/registry", "--prompts", str(prompts),
+         "--out", f"{s3}/gen", "--steps", "2"],
+    ]
+    for argv in stages:
+        r = _submit(address, env, "t2i", *argv, cwd=job_dir)
+        assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(storage.read_bytes(f"{s3}/gen/manifest.json"))["images"] == 2
+
+    assert any(temp.rglob("*.log")), "no Ray logs to search"
+    assert files_holding(temp, secret.encode()) == []
+    for kind in ("actors", "jobs", "tasks", "workers"):
+        r = subprocess.run([str(BIN / "ray"), "list", kind, "--detail", "--limit", "10000", "--address", address],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and len(r.stdout) > 100, r.stderr[-2000:]
+        assert secret not in r.stdout + r.stderr, kind
+    written = [u for u in storage.iter_files(s3) if not u.endswith("/")]  # SeaweedFS lists the prefix itself
+    assert any(u.endswith("metrics.jsonl") for u in written) and any(u.endswith("1.json") for u in written)
+    assert [u for u in written if secret.encode() in storage.read_bytes(u)] == []

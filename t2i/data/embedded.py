@@ -174,7 +174,8 @@ def finalize_manifest(*, encoder: Mapping, resolution: int, parts: list[dict], s
     rows = sum(int(p["rows"]) for p in parts)
     if rows != kept:
         raise IntegrityError(f"embedded dataset: parts hold {rows} rows but {kept} samples were kept")
-    clean_parts = [{k: p[k] for k in ("name", "rows", "bytes", "sha256")} for p in sorted(parts, key=lambda p: p["name"])]
+    clean_parts = [{k: p[k] for k in ("name", "rows", "bytes", "sha256")}
+                   for p in sorted(parts, key=lambda p: p["name"])]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -258,7 +259,8 @@ def read_manifest(url: str) -> dict:
     except ValueError as e:
         raise T2IError(f"{storage.describe(murl)}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise T2IError(f"{storage.describe(murl)}: not an embedded dataset manifest (format {manifest.get('format')!r})")
+        raise T2IError(f"{storage.describe(murl)}: not an embedded dataset manifest "
+                       f"(format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise T2IError(f"{storage.describe(murl)}: embedded dataset version {manifest.get('version')} "
                        f"is not supported (this t2i reads version {VERSION})")

@@ -78,6 +78,23 @@ def validate_holdout(holdout: Iterable[Iterable[str]] | bool | None) -> tuple[tu
     return tuple(pairs)
 
 
+def parse_holdout(text: str) -> tuple[tuple[str, str], ...]:
+    """"triangle:orange,circle:purple" -> pairs; "none" or "" holds nothing out."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return ()
+    pairs = []
+    for item in text.split(","):
+        shape, sep, color = item.strip().partition(":")
+        if not sep:
+            raise ConfigError(f"--holdout: {item.strip()!r} is not SHAPE:COLOUR (e.g. triangle:orange)")
+        pairs.append((shape.strip(), color.strip()))
+    try:
+        return validate_holdout(pairs)
+    except ConfigError as e:
+        raise ConfigError(f"--holdout: {e}") from None
+
+
 def _sizes(shape: str, area: float) -> tuple[float, float]:
     """(characteristic size, circumradius) for a shape of `area`: radius, side or triangle side."""
     if shape == "circle":

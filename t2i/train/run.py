@@ -30,6 +30,7 @@ from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, replace, 
 from t2i.data.embedded import read_part
 from t2i.errors import ConfigError, T2IError
 from t2i.presets import get_preset
+from t2i.registry import Registry
 from t2i.text import TextEncoder
 from t2i.train.distributed import broadcast, gather, state_digests
 from t2i.train.loop import EvalPrompts, write_samples
@@ -205,6 +206,25 @@ def dataset_prompts(job: JobConfig, manifest: dict) -> EvalPrompts:
                        np.stack([np.frombuffer(pooled[i], np.float16) for i in rows]), per_prompt=1)
 
 
+def register_result(job: JobConfig, result: dict) -> dict:
+    """Register a finished run's last checkpoint as `job.register`; returns {"ref", "registry"}."""
+    reg = Registry(job.registry or None)
+    metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    ref = reg.register(job.register, result["checkpoint"], card_extra={"preset": job.model, "metrics": metrics})
+    return {"ref": ref, "registry": reg.where}
+
+
+def summary_lines(result: dict) -> str:
+    """What `t2i train` prints at the end: where the run got to, and what it registered."""
+    m = result.get("metrics") or {}
+    losses = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k.startswith("loss"))
+    text = (f"t2i train: {result['preset']} reached step {result['step']} ({result['samples_seen']} samples; "
+            f"{losses}); checkpoint {storage.describe(result['checkpoint'])}")
+    if result.get("ref"):
+        text += f"\nt2i train: registered {result['ref']} in {result['registry']} (dataset {result['dataset_digest']})"
+    return text
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -308,6 +328,17 @@ class Run:
                               "state": digests})
         self.last_ckpt = step
         return url
+
+    def first_step(self, marks: dict, first_wait: float) -> None:
+        """Rank 0 records where launch-to-first-step went. `marks`: wall-clock times at which each
+        part ended, in order after "launched"; the first step itself is split into waiting for the
+        first batch and computing."""
+        now, names = time.time(), list(marks)
+        parts = {b: round(marks[b] - marks[a], 3) for a, b in zip(names, names[1:])}
+        last = marks[names[-1]]
+        parts.update(first_batch=round(first_wait, 3), first_step=round(now - last - first_wait, 3))
+        self.event({"event": "first_step", "step": self.state.step, "since_launch_s": round(now - marks[names[0]], 3),
+                    "startup_s": parts})
 
     def metrics(self) -> dict:
         return {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
