@@ -38,14 +38,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _report import write_section  # noqa: E402
 
-from t2i.config import EncoderSpec, replace, to_dict  # noqa: E402
+from t2i.config import (  # noqa: E402
+    EncoderSpec,
+    parse_sets,  # noqa: E402
+    replace,
+    to_dict,
+)
 from t2i.data import shapes  # noqa: E402
 from t2i.data.batching import collate_features  # noqa: E402
 from t2i.eval import attribute_accuracy, write_contact_sheet  # noqa: E402
 from t2i.presets import get_preset  # noqa: E402
 from t2i.sampling import generate  # noqa: E402
 from t2i.text import TextEncoder  # noqa: E402
-from t2i.train.local import ArrayData, parse_overrides, shapes_data, train_local  # noqa: E402
+from t2i.train.local import ArrayData, shapes_data, train_local  # noqa: E402
 from t2i.train.loop import EvalPrompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -99,7 +104,7 @@ def sample_all(model, cfg, rows: dict, batch_size: int) -> tuple[np.ndarray, flo
 
 def run_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows: dict, run_dir: Path) -> dict:
     preset = get_preset(PRESETS[family])
-    m_over, t_over = parse_overrides([item.split(".", 1)[1] for item in args.set if item.split(".", 1)[0] == family])
+    m_over, t_over = parse_sets([item.split(".", 1)[1] for item in args.set if item.split(".", 1)[0] == family])
     model_cfg = replace(preset.model, **{"text_dim": encoder.dim, **m_over})
     # One checkpoint, at the end: a mid-run save and grid would come out of the fixed time budget.
     train_cfg = replace(preset.train, **{"checkpoint_every": 0, **t_over})

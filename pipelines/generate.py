@@ -21,6 +21,7 @@ import ray
 from pipelines import cluster
 from t2i import generate as gen
 from t2i.errors import T2IError
+from t2i.progress import eta
 
 log = logging.getLogger("t2i.generate")
 
@@ -141,5 +142,7 @@ def run_job(job: gen.Job, batch_size: int, plan: dict, progress_every: float = 1
         now = time.perf_counter()
         if now - last >= progress_every:
             last = now
-            log.info("generate: %d/%d images (%.1f images/s)", len(results), len(rows), len(results) / (now - t0))
+            rate = len(results) / (now - t0)
+            log.info("generate: %d/%d images (%.1f images/s) %s", len(results), len(rows), rate,
+                     eta(len(results), len(rows), 1 / max(rate, 1e-9)))
     return results

@@ -48,6 +48,7 @@ from t2i.train.run import (
     make_job,
     register_result,
     resolve_model,
+    resolve_parent,
     summary_lines,
     worker_resources,
     write_run_config,
@@ -76,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help="one log line per N steps (default: the preset's)")
     p.add_argument("--keep", type=int, help="checkpoints to keep (default 3)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts allowed (default 2)")
+    p.add_argument("--init-from", metavar="REF", help="start from a registered model (NAME, NAME:V, NAME@ALIAS) or a "
+                   "run's checkpoint URL, with fresh optimizers (fine-tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", dest="sets",
+                   help="override a model. or train. config key, e.g. train.lr_schedule=cosine (repeatable)")
+    p.add_argument("--tracker", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard "
+                   "(RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlruns), wandb (offline by default)")
     p.add_argument("--register", help="register the final EMA weights under this name")
     p.add_argument("--registry", help="registry URL (default: $T2I_REGISTRY or ~/.t2i/registry)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -95,7 +102,8 @@ def train(data: str | None = None, model: str | None = None, out: str | None = N
 def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "steps", "batch_size",
-        "checkpoint_every", "log_every", "keep", "max_failures", "register", "registry", "address")}
+        "checkpoint_every", "log_every", "keep", "max_failures", "register", "registry", "address", "init_from",
+        "sets", "tracker")}
     print(summary_lines(train(args.data, args.model, args.out, config=args.config, launched=time.time(), **options)))
     return 0
 
@@ -143,8 +151,11 @@ def train_func(cfg: dict) -> dict:
     runtime = setup_runtime(str(ray.train.torch.get_device()), threads=cfg["threads"], precision=cfg["precision"])
     state = make_state(config_from_dict(cfg["model"]), from_dict(TrainConfig, cfg["train"]), runtime)
     w = Run(cfg["run_url"], state, rank=ctx.get_world_rank(), world=ctx.get_world_size(), encoder=cfg["encoder"],
-            data_url=cfg["data_url"], dataset_digest=cfg["dataset_digest"], prompts=cfg["eval"], launch=cfg["launch"])
+            data_url=cfg["data_url"], dataset_digest=cfg["dataset_digest"], prompts=cfg["eval"], launch=cfg["launch"],
+            trackers=cfg["trackers"], config=cfg["config"])
     url, tracked = w.decide_resume(tracked_step())
+    if url is None and cfg["parent"]:
+        w.init_weights(cfg["parent"])
     start = w.resume(url)
     if url is not None and not tracked:
         # Ray Train did not record this checkpoint (its report was lost): hand it over, so that
@@ -189,8 +200,8 @@ def train_func(cfg: dict) -> dict:
         on_checkpoint(state)
     final = storage.url_join(cfg["run_url"], "checkpoints", f"step_{state.step:06d}")
     digests = gather(param_digest(state))
+    w.close()
     if w.rank == 0:
-        w.files.flush()
         w.event({"event": "end", "step": state.step, "launch": cfg["launch"], "checkpoint": storage.describe(final),
                  "param_digests": digests, "ranks_in_sync": len(set(digests)) == 1})
     return {"step": state.step, "samples_seen": state.samples_seen, "checkpoint": final, "param_digests": digests,
@@ -235,9 +246,10 @@ def fit_job(job: JobConfig, launched: float) -> dict:
     """Run (or resume) the training job on Ray Train; returns rank 0's summary."""
     manifest = read_manifest(job.data)
     model_cfg, train_cfg = resolve_model(job, manifest)
-    parent, name, fs = ray_storage(job.out)
-    write_run_config(job, model_cfg, train_cfg, manifest)
+    storage_path, name, fs = ray_storage(job.out)
+    run_config = write_run_config(job, model_cfg, train_cfg, manifest)
     prompts = dataset_prompts(job, manifest)
+    parent = resolve_parent(job, manifest)
     connect(job.address, log_to_driver=True)
     cpus, threads = worker_resources(job, float(ray.cluster_resources().get("CPU", 1.0)))
     use_gpu = job.gpus_per_worker > 0
@@ -248,7 +260,8 @@ def fit_job(job: JobConfig, launched: float) -> dict:
         "resolution": int(manifest["image"]["resolution"]), "dim": int(manifest["encoder"]["dim"]),
         "threads": threads, "precision": job.precision, "shuffle_buffer": job.shuffle_buffer,
         "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
-        "launched": launched, "fit_called": time.time(),
+        "launched": launched, "fit_called": time.time(), "parent": parent,
+        "trackers": job.tracker, "config": run_config,
     }
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",
              job.model, storage.describe(job.data), storage.describe(job.out), job.workers, cpus,
@@ -258,7 +271,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker={
             "CPU": cpus, **({"GPU": job.gpus_per_worker} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=parent, storage_filesystem=fs,
+            name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": forwarded_env()}),

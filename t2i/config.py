@@ -163,6 +163,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    # After warm-up: "constant", or "cosine" / "linear" decay to lr_final x lr at the last step.
+    lr_schedule: str = "constant"
+    lr_final: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_start: int = 0
@@ -170,3 +173,31 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     sample_every: int = 0  # 0 = at checkpoints only
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"TrainConfig.lr_schedule: {self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ConfigError(f"TrainConfig.lr_final: {self.lr_final} is not a fraction of lr in [0, 1]")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> tuple[dict, dict]:
+    """`model.KEY=VALUE` / `train.KEY=VALUE` options -> (model overrides, train overrides).
+
+    VALUE is parsed as JSON (numbers, true/false, lists), else kept as a string.
+    """
+    model, train = {}, {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        group, dot, name = key.partition(".")
+        if not sep or not dot or group not in ("model", "train"):
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        (model if group == "model" else train)[name] = value
+    return model, train

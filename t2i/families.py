@@ -26,6 +26,7 @@ class Family:
     name: str
     config: type  # the model config dataclass
     sampler_network: Callable[[Any], nn.Module]  # config -> the network that generates (EMA-tracked)
+    sampler_module: str  # which of the trained modules that network is (the EMA's source)
     make_state: Callable  # (model_cfg, train_cfg, runtime) -> TrainState
     train_step: Callable  # (state, batch) -> metrics
     sample: Callable  # (network, cfg, tokens, mask, pooled, seeds, ids, steps, guidance) -> float images
@@ -33,9 +34,9 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gan": Family("gan", GANConfig, Generator, gan_train.make_gan_state, gan_train.gan_train_step,
+    "gan": Family("gan", GANConfig, Generator, "G", gan_train.make_gan_state, gan_train.gan_train_step,
                   sampling.gan_draw, sampling.one_step_settings),
-    "flow": Family("flow", FlowConfig, FlowDiT, flow_train.make_flow_state, flow_train.flow_train_step,
+    "flow": Family("flow", FlowConfig, FlowDiT, "model", flow_train.make_flow_state, flow_train.flow_train_step,
                    sampling.flow_draw, sampling.flow_settings),
 }
 

@@ -233,7 +233,7 @@ class Registry:
             "checkpoint": storage.describe(checkpoint_url),
             "step": meta.get("step"), "samples_seen": meta.get("samples_seen"),
             "dataset_url": meta.get("dataset_url"), "dataset_digest": meta.get("dataset_digest"),
-            "metrics": metrics, "weights": weights,
+            "metrics": metrics, "weights": weights, "parent": meta.get("parent"),
             "files": {f: {"sha256": ck.sha256(d), "bytes": len(d)} for f, d in raw.items()},
             **extra,
         }

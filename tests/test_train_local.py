@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -10,14 +11,18 @@ import torch
 from PIL import Image
 
 from t2i.checkpoint import load_weights
-from t2i.config import ConfigError, replace, to_dict
+from t2i.config import ConfigError, parse_sets, replace, to_dict
 from t2i.data.batching import collate_features, rows_to_batch, sample_seeds
 from t2i.eval import attribute_accuracy, contact_sheet
 from t2i.presets import get_preset
+from t2i.progress import duration
 from t2i.registry import Registry
 from t2i.sampling import generate
-from t2i.train.local import ArrayData, index_stream, parse_overrides, train_local
+from t2i.train.local import ArrayData, index_stream, train_local
 from t2i.train.loop import EvalPrompts
+from t2i.train.runlog import format_line
+from t2i.train.state import lr_at
+from t2i.train.trackers import check_trackers
 
 
 def tiny_data(n: int, res: int, dim: int, seed: int = 0) -> ArrayData:
@@ -155,10 +160,10 @@ def test_array_data_validation():
 
 
 def test_overrides_parse_and_reject():
-    assert parse_overrides(["model.width=64", "train.lr=0.01", "model.sampler=heun"]) == (
+    assert parse_sets(["model.width=64", "train.lr=0.01", "model.sampler=heun"]) == (
         {"width": 64, "sampler": "heun"}, {"lr": 0.01})
     with pytest.raises(ConfigError, match="model.KEY"):
-        parse_overrides(["width=64"])
+        parse_sets(["width=64"])
 
 
 def test_contact_sheet_and_attribute_accuracy():
@@ -192,3 +197,48 @@ def test_command_line_run_on_shapes(tmp_path, tiny_encoders, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "samples" / "step_000002.png").exists()
     assert main(["--model", "flow-nope", "--out", str(out)]) == 1
+
+
+def test_learning_rate_schedules():
+    tc = replace(get_preset("flow-debug").train, lr=1.0, warmup_steps=10, steps=110)
+    assert lr_at(0, tc, 1.0) == pytest.approx(0.1) and lr_at(9, tc, 1.0) == 1.0 and lr_at(109, tc, 1.0) == 1.0
+    cos = replace(tc, lr_schedule="cosine", lr_final=0.1)
+    assert lr_at(10, cos, 1.0) == 1.0 and lr_at(109, cos, 1.0) == pytest.approx(0.1)
+    assert lr_at(60, cos, 1.0) == pytest.approx(0.55, abs=0.01)  # halfway down
+    lin = replace(tc, lr_schedule="linear")
+    assert lr_at(59, lin, 1.0) == pytest.approx(0.5, abs=0.01) and lr_at(109, lin, 1.0) == 0.0
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        replace(tc, lr_schedule="step")
+
+
+def test_log_line_says_how_far_and_how_long():
+    rec = {"step": 50, "loss": 0.5, "lr": 1e-3, "img_per_s": 100.0, "step_s": 0.2, "data_wait": 0.01, "mem_mb": 10.0}
+    line = format_line(rec, 200)
+    assert line.startswith("step  50/200 loss=0.5 lr=0.001 100.0 img/s 200 ms/step") and line.endswith("25% ETA 30s")
+    assert (duration(59), duration(65), duration(3725)) == ("59s", "1m05s", "1h02m")
+
+
+def test_trackers_are_checked_before_anything_runs(tmp_path):
+    assert check_trackers(["tensorboard", "tensorboard"]) == ("tensorboard",)
+    with pytest.raises(ConfigError, match="'tensorbord': not one of tensorboard, mlflow, wandb"):
+        check_trackers(["tensorbord"])
+    for name, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if importlib.util.find_spec(package) is None:  # an optional extra: a one-line error without it
+            with pytest.raises(ConfigError, match=f"the {package} package is not installed"):
+                check_trackers([name])
+
+
+def test_local_run_feeds_tensorboard(tmp_path):
+    from tensorboardX.proto import event_pb2  # noqa: F401 (the reader below needs it)
+    from test_train_ray import tensorboard_events
+
+    preset = get_preset("flow-debug")
+    tc = replace(preset.train, steps=4, batch_size=4, log_every=2, checkpoint_every=2)
+    data = tiny_data(8, preset.model.resolution, preset.model.text_dim)
+    prompts = EvalPrompts(["one"], data.tokens[:1], data.pooled[:1], per_prompt=2)
+    train_local(preset.model, tc, data, str(tmp_path), prompts=prompts, device="cpu", trackers=("tensorboard",))
+    scalars, images = tensorboard_events(str(tmp_path / "tensorboard"))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(scalars) == [r["step"] for r in records] == [2, 4]
+    assert all(scalars[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6) for r in records)
+    assert images == [2, 4]

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from t2i.config import EncoderSpec, to_dict
 from t2i.data import embedded as E
 from t2i.data import shapes
 from t2i.errors import ConfigError, T2IError
+from t2i.registry import Registry
+from t2i.text import TextEncoder
 from t2i.train.run import EVAL_PROMPTS, JobConfig, dataset_prompts, make_job, resolve_model, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +69,14 @@ def test_job_file_flags_and_refusals(tmp_path, tiny_encoders):
     assert (job.workers, job.train["steps"], job.train["batch_size"]) == (2, 9, 8)  # flags win over the file
     model_cfg, train_cfg = resolve_model(job, manifest)
     assert model_cfg.text_dim == manifest["encoder"]["dim"] == 64 and train_cfg.steps == 9
+    # --set reaches any model or train key, over the job file and the options
+    job = _job(config=job_file, steps=9, sets=["model.width=32", "train.lr_schedule=cosine", "train.steps=11"])
+    model_cfg, train_cfg = resolve_model(job, manifest)
+    assert (model_cfg.width, train_cfg.lr_schedule, train_cfg.steps, train_cfg.batch_size) == (32, "cosine", 11, 8)
+    with pytest.raises(ConfigError, match="lr_schedule: 'cosin' is not one of"):
+        resolve_model(_job(config=job_file, sets=["train.lr_schedule=cosin"]), manifest)
+    with pytest.raises(ConfigError, match="expected model.KEY=VALUE"):
+        _job(config=job_file, sets=["width=32"])
 
     job_file.write_text(yaml.safe_dump({"data": data, "model": "flow-debug", "out": "x", "wokers": 2}))
     with pytest.raises(ConfigError, match="'wokers'"):
@@ -225,7 +236,7 @@ def test_progress_lines_follow_the_run_files(where, tmp_path, caplog, monkeypatc
         assert [u.rsplit("/", 1)[-1] for u in reads[before:]] == ["metrics.jsonl"]
     msgs = [r.getMessage() for r in caplog.records if r.name == "t2i.train"]
     assert msgs[0] == "attempt 1: 2 workers, fresh start"
-    assert msgs[1] == "step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0% mem 812MB"
+    assert msgs[1] == "step  5/20 loss=0.2 lr=0.001 100.0 img/s 100 ms/step data-wait 1.0% mem 812MB 25% ETA 2s"
     assert msgs[2].startswith("step 10/20") and msgs[3].startswith("checkpoint at step 10: ck10")
     assert msgs[4] == "attempt 2: 2 workers, resumed from ck5 at step 5"
     assert msgs[5].startswith("step 10/20 loss=0.5") and msgs[6].startswith("step 15/20") and len(msgs) == 7
@@ -261,6 +272,32 @@ def test_state_digests_follow_a_checkpoint_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- on the Ray cluster
 
 
+def tensorboard_events(url: str) -> tuple[dict[int, dict[str, float]], list[int]]:
+    """Scalars {step: {tag: value}} and image steps in the TensorBoard event files under `url`,
+    oldest file first, dropping what a later file's purge marker (SessionLog START) supersedes, as
+    TensorBoard itself does."""
+    from tensorboardX.proto import event_pb2
+
+    files = sorted(storage.iter_files(url), key=lambda u: int(u.rsplit("/", 1)[-1].split(".")[3]))
+    scalars: dict[int, dict[str, float]] = {}
+    images: list[int] = []
+    for u in files:
+        data, pos = storage.read_bytes(u), 0
+        while pos < len(data):  # TFRecord: length, its CRC, the event, its CRC
+            n = struct.unpack("<Q", data[pos:pos + 8])[0]
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+                scalars = {s: v for s, v in scalars.items() if s < ev.step}
+                images = [s for s in images if s < ev.step]
+            for v in ev.summary.value:
+                if v.HasField("image"):
+                    images.append(ev.step)
+                elif v.HasField("simple_value"):
+                    scalars.setdefault(ev.step, {})[v.tag] = v.simple_value
+    return scalars, images
+
+
 def _wait_for(pred, timeout: float, what: str, every: float = 0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -293,7 +330,7 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     manifest = make_embedded(data, tiny_encoders["encoder"])
     argv = ["train", "--data", data, "--model", "flow-debug", "--out", run, "--workers", "2", "--steps", "60",
             "--batch-size", "16", "--checkpoint-every", "10", "--log-every", "2", "--keep", "2",
-            "--register", "shapes-flow", "--registry", reg_url]
+            "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard"]
     events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
 
     # Launch A: its own driver process on this cluster, killed after the first checkpoint.
@@ -379,6 +416,17 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     grid = Image.open(io.BytesIO(storage.read_bytes(storage.url_join(run, "samples", "step_000060.png"))))
     assert grid.height == 8 * (2 * RES + 2) + 2  # one labelled row per eval prompt, 2x scale
 
+    # TensorBoard (events copied up to S3) holds what metrics.jsonl holds, across both launches
+    # and the restart: the same scalars at the same steps, and the sample grids as images.
+    tb, image_steps = tensorboard_events(storage.url_join(run, "tensorboard"))
+    records = {r["step"]: r for r in _lines(metrics_url)}
+    assert sorted(tb) == sorted(records)
+    for step, rec in records.items():
+        want = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert set(tb[step]) == set(want), step
+        assert all(tb[step][k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in want.items()), step
+    assert 60 in image_steps and len(image_steps) == len(set(image_steps))
+
     reg = Registry(reg_url)
     assert reg.versions("shapes-flow") == [1]
     model_cfg, net, card = reg.load("shapes-flow")
@@ -386,3 +434,41 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     final = load_checkpoint(kept[-1][1])
     for k, v in net.state_dict().items():
         assert torch.equal(v, final.ema[k]), k
+
+
+def test_fine_tune_from_a_registered_model_starts_at_its_loss(ray_cluster, tiny_encoders, tmp_path):
+    """--init-from: a registered flow-debug model, fine-tuned on another dataset, starts where it
+    left off (its first loss is near the parent's last, far below a fresh start's), fresh
+    optimizer, and the new card names its parent; a parent on another encoder is refused."""
+    from pipelines.train import train
+
+    a, b, reg = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "registry")
+    make_embedded(a, tiny_encoders["encoder"], num=128, parts=1)
+    images, captions, _ = shapes.make_arrays(64, RES, seed=7)  # new data: other samples, other keys
+    enc = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"], kind="encoder", max_tokens=16))
+    out = enc.encode(captions)
+    E.write_arrays(b, images=images, captions=captions, tokens=out.tokens, pooled=out.pooled,
+                   encoder=to_dict(enc.spec), keys=[f"b{i:05d}" for i in range(64)], data="mem-b")
+    opts = dict(workers=1, batch_size=16, log_every=1, checkpoint_every=0, registry=reg)
+    base = train(a, "flow-debug", str(tmp_path / "run-a"), steps=60, register="base", **opts)
+    fresh = train(b, "flow-debug", str(tmp_path / "run-fresh"), steps=2, **opts)
+    tuned = train(b, "flow-debug", str(tmp_path / "run-b"), steps=2, init_from="base", register="tuned",
+                  **{**opts, "sets": ["train.warmup_steps=0"]})
+    first = {name: _lines(str(tmp_path / f"run-{name}" / "metrics.jsonl"))[0]["loss"] for name in ("a", "fresh", "b")}
+    last = _lines(str(tmp_path / "run-a" / "metrics.jsonl"))[-1]["loss"]
+    # The fine-tuned run's first loss sits near where the parent ended, not where a fresh start begins.
+    assert abs(first["b"] - last) < 0.5 * (first["fresh"] - last), (first, last)
+    assert abs(first["b"] - last) < 0.5 * (first["a"] - last), (first, last)
+    assert tuned["ref"] == "tuned:1" and base["ref"] == "base:1" and fresh["step"] == 2
+    card = Registry(reg).show("tuned")
+    assert card["parent"] == "base:1" and Registry(reg).show("base")["parent"] is None
+    starts = [e for e in _lines(str(tmp_path / "run-b" / "events.jsonl")) if e["event"] == "start"]
+    assert starts[0]["init_from"] == "base:1" and starts[0]["resumed_from"] is None
+
+    other = str(tmp_path / "c")  # the same rows embedded by another encoder
+    enc_t5 = TextEncoder(EncoderSpec(name=tiny_encoders["t5"], kind="t5", max_tokens=16))
+    out = enc_t5.encode(captions)
+    E.write_arrays(other, images=images, captions=captions, tokens=out.tokens, pooled=out.pooled,
+                   encoder=to_dict(enc_t5.spec), data="mem-c")
+    with pytest.raises(ConfigError, match="embed the data with the parent's encoder"):
+        train(other, "flow-debug", str(tmp_path / "run-c"), steps=2, init_from="base", **opts)

@@ -43,9 +43,14 @@ def contact_sheet(images, ncol: int, scale: int = 1, pad: int = 2, row_labels: S
     return sheet
 
 
-def write_contact_sheet(url: str, images, ncol: int, scale: int = 1, row_labels: Sequence[str] | None = None) -> str:
-    """Write a contact sheet PNG to a local path or storage URL (atomically); returns the URL."""
+def write_png(url: str, image: np.ndarray) -> str:
+    """Write a uint8 [H, W, 3] image as a PNG to a local path or storage URL (atomically)."""
     buf = io.BytesIO()
-    Image.fromarray(contact_sheet(images, ncol, scale=scale, row_labels=row_labels)).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")
     storage.write_bytes(str(url), buf.getvalue())
     return str(url)
+
+
+def write_contact_sheet(url: str, images, ncol: int, scale: int = 1, row_labels: Sequence[str] | None = None) -> str:
+    """Write a contact sheet PNG to a local path or storage URL (atomically); returns the URL."""
+    return write_png(url, contact_sheet(images, ncol, scale=scale, row_labels=row_labels))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from t2i import storage
-from t2i.config import EncoderSpec, TrainConfig, replace, to_dict
+from t2i.config import EncoderSpec, TrainConfig, parse_sets, replace, to_dict
 from t2i.data import shapes
 from t2i.data.batching import collate_features, sample_seeds
 from t2i.errors import ConfigError, T2IError
@@ -92,7 +92,8 @@ def index_stream(n: int, batch_size: int, seed: int):
 
 def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: str, *,
                 prompts: EvalPrompts | None = None, max_seconds: float | None = None, device: str = "auto",
-                threads: int | None = None, encoder_spec: Any = None) -> tuple[TrainState, dict]:
+                threads: int | None = None, encoder_spec: Any = None,
+                trackers: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
     """Train for train_cfg.steps (or until max_seconds) with the one training loop; write logs,
     grids and checkpoints (every `checkpoint_every` steps and at the end) into `out`.
 
@@ -108,8 +109,9 @@ def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: st
     config = {"format": 1, "family": state.family, "model": to_dict(model_cfg), "train": to_dict(train_cfg),
               "encoder": enc}
     storage.write_text(storage.url_join(out, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
-    run = Run(out, state, encoder=enc, data_url="(in memory)", prompts=prompts)
+    run = Run(out, state, encoder=enc, data_url="(in memory)", prompts=prompts, trackers=trackers, config=config)
     run.files.start(0)
+    run.open_trackers()
     t0 = time.perf_counter()
 
     def on_log(rec: dict) -> None:
@@ -126,7 +128,7 @@ def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: st
     why = fit(state, data.batches(train_cfg.batch_size, train_cfg.seed), hooks)
     train_s = time.perf_counter() - t0
     final = run.save()
-    run.files.flush()
+    run.close()
     summary = {"family": state.family, "steps": state.step, "samples_seen": state.samples_seen,
                "train_seconds": round(train_s, 2), "stopped_early": why == "stopped", "final": run.metrics(),
                "img_per_s": state.samples_seen / max(train_s, 1e-9), "mem_mb": memory_mb(rt.device),
@@ -136,22 +138,6 @@ def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: st
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def parse_overrides(items: Sequence[str]) -> tuple[dict, dict]:
-    """`model.KEY=VALUE` / `train.KEY=VALUE` (VALUE parsed as JSON, else a string)."""
-    model, train = {}, {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        group, dot, name = key.partition(".")
-        if not sep or not dot or group not in ("model", "train"):
-            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        (model if group == "model" else train)[name] = value
-    return model, train
 
 
 def shapes_data(num: int, resolution: int, seed: int, encoder) -> tuple[ArrayData, EvalPrompts]:
@@ -199,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     preset = get_preset(args.model)
-    m_over, t_over = parse_overrides(args.set)
+    m_over, t_over = parse_sets(args.set)
     for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):
         if v is not None:
             t_over[k] = v

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from t2i.data.batching import collate_features, to_device
-from t2i.eval.grid import write_contact_sheet
+from t2i.eval.grid import contact_sheet, write_png
 from t2i.families import train_step
 from t2i.runtime import memory_mb
 from t2i.sampling import generate
@@ -136,9 +136,12 @@ class EvalPrompts:
 
 
 @torch.no_grad()
-def write_samples(state: TrainState, prompts: EvalPrompts, url: str) -> str:
-    """A contact sheet of the EMA network on the eval prompts, one row per caption."""
+def write_samples(state: TrainState, prompts: EvalPrompts, url: str) -> np.ndarray:
+    """A contact sheet of the EMA network on the eval prompts, one row per caption, written to
+    `url`; returns it (uint8 [H, W, 3]) for the trackers."""
     tokens, mask, pooled, seeds, ids = prompts.rows()
     dev = state.runtime.device
     images = generate(state.ema, state.model_cfg, tokens.to(dev), mask.to(dev), pooled.to(dev), seeds, ids)
-    return write_contact_sheet(url, images.numpy(), ncol=prompts.per_prompt, scale=2, row_labels=prompts.captions)
+    sheet = contact_sheet(images.numpy(), ncol=prompts.per_prompt, scale=2, row_labels=prompts.captions)
+    write_png(url, sheet)
+    return sheet

@@ -24,18 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2i import checkpoint as ck
 from t2i import storage
-from t2i.checkpoint import DIGESTS, checkpoint_url, first_difference, list_checkpoints, load_checkpoint, save_checkpoint
-from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, replace, to_dict
+from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, parse_sets, replace, to_dict
 from t2i.data.embedded import read_part
 from t2i.errors import ConfigError, T2IError
+from t2i.families import family
 from t2i.presets import get_preset
 from t2i.registry import Registry
 from t2i.text import TextEncoder
 from t2i.train.distributed import broadcast, gather, state_digests
 from t2i.train.loop import EvalPrompts, write_samples
 from t2i.train.runlog import RunFiles
-from t2i.train.state import TrainState
+from t2i.train.state import TrainState, unwrap
+from t2i.train.trackers import Trackers, check_trackers
 
 log = logging.getLogger("t2i.train")
 
@@ -62,6 +64,8 @@ class JobConfig:
     eval_prompts: tuple[str, ...] = ()  # empty = the first distinct captions of the dataset
     register: str = ""
     registry: str = ""
+    init_from: str = ""  # start from a registered model (NAME, NAME:V, NAME@ALIAS) or a run's checkpoint URL
+    tracker: tuple[str, ...] = ()  # tensorboard, mlflow, wandb
     address: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's model
     train: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's TrainConfig
@@ -70,13 +74,19 @@ class JobConfig:
 TRAIN_OPTIONS = ("steps", "batch_size", "checkpoint_every")  # options that override `train:` keys
 
 
-def make_job(config_file: str | None = None, **options: Any) -> JobConfig:
-    """Defaults < job file < options (None = not given); unknown job-file keys are errors naming the key."""
+def make_job(config_file: str | None = None, sets: list[str] | tuple[str, ...] = (), **options: Any) -> JobConfig:
+    """Defaults < job file < options (None = not given) < `sets` ("model.KEY=VALUE", "train.KEY=VALUE");
+    unknown job-file keys are errors naming the key."""
     data = load_file(config_file) if config_file else {}
     job = from_dict(JobConfig, data, where=str(config_file) if data else "job")
+    model_sets, train_sets = parse_sets(sets)
+    if isinstance(options.get("tracker"), str):  # "tensorboard,mlflow" from the command line
+        options["tracker"] = tuple(t.strip() for t in options["tracker"].split(",") if t.strip())
     train = dict(job.train)
     given = {k: options.pop(k, None) for k in TRAIN_OPTIONS}
     train.update({k: v for k, v in given.items() if v is not None})
+    train.update(train_sets)
+    options["model_config"] = {**job.model_config, **model_sets}
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(JobConfig)})
     if unknown:
         raise ConfigError(f"train: unknown option {unknown[0]!r}")
@@ -92,7 +102,8 @@ def make_job(config_file: str | None = None, **options: Any) -> JobConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    get_preset(job.model)  # an unknown preset is named before any data is read
+    get_preset(job.model)  # an unknown preset (or tracker) is named before any data is read
+    check_trackers(job.tracker)
     return dataclasses.replace(job, data=normal_url(job.data), out=normal_url(job.out))
 
 
@@ -169,7 +180,7 @@ def write_run_config(job: JobConfig, model_cfg: Any, train_cfg: TrainConfig, man
             old = json.loads(storage.read_bytes(url))
         except ValueError:
             raise T2IError(f"{storage.describe(url)}: not valid JSON; use a new --out") from None
-        diff = first_difference(old.get("model"), cfg["model"], names=("there", "now"))
+        diff = ck.first_difference(old.get("model"), cfg["model"], names=("there", "now"))
         if diff:
             raise T2IError(f"{storage.describe(job.out)} holds a run of another model (model.{diff}); "
                            "use a new --out to start a fresh run")
@@ -211,7 +222,33 @@ def register_result(job: JobConfig, result: dict) -> dict:
     reg = Registry(job.registry or None)
     metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
     ref = reg.register(job.register, result["checkpoint"], card_extra={"preset": job.model, "metrics": metrics})
-    return {"ref": ref, "registry": reg.where}
+    return {"ref": str(ref), "registry": reg.where}
+
+
+def resolve_parent(job: JobConfig, manifest: dict) -> dict | None:
+    """Where `init_from` points, checked on the driver before anything starts: a run's checkpoint
+    (a URL holding one) or a registered model. Returns {"kind", "ref", "url", "registry"} or None.
+
+    The parent's text features must be the dataset's: weights trained on one encoder's states mean
+    nothing on another's.
+    """
+    if not job.init_from:
+        return None
+    url = normal_url(job.init_from) if "/" in job.init_from else ""
+    if url and storage.exists(storage.url_join(url, ck.DIGESTS)):
+        parent = {"kind": "checkpoint", "ref": storage.describe(url), "url": url, "registry": ""}
+        encoder = json.loads(ck.read_files(url, (ck.CONFIG,))[ck.CONFIG]).get("encoder") or {}
+    else:
+        card = Registry(job.registry or None).resolve(job.init_from)  # one line naming it when unknown
+        parent = {"kind": "registry", "ref": card["ref"], "url": "", "registry": job.registry}
+        encoder = card.get("encoder") or {}
+    mine = manifest["encoder"]
+    if (encoder.get("dim"), encoder.get("revision")) != (mine.get("dim"), mine.get("revision")):
+        raise ConfigError(f"--init-from {parent['ref']}: it was trained on text features of {encoder.get('name')} "
+                          f"(revision {str(encoder.get('revision'))[:12]}), {storage.describe(job.data)} holds "
+                          f"{mine.get('name')} (revision {str(mine.get('revision'))[:12]}); embed the data with "
+                          "the parent's encoder")
+    return parent
 
 
 def summary_lines(result: dict) -> str:
@@ -235,20 +272,20 @@ def resume_point(run_url: str, tracked_step: int = -1) -> tuple[str | None, bool
     reported one), which can lag our newest finished one by a report (a worker died between the
     save and the report); the newer of the two wins.
     """
-    ours = list_checkpoints(run_url)
+    ours = ck.list_checkpoints(run_url)
     if ours and ours[-1][0] > tracked_step:
         return ours[-1][1], False
     if tracked_step < 0:
         return None, False
-    return checkpoint_url(run_url, tracked_step), True
+    return ck.checkpoint_url(run_url, tracked_step), True
 
 
 def clean_unfinished(run_url: str, resumed_step: int) -> None:
     """Checkpoint dirs without digests (a save cut short) or past the resume point are dead weight."""
-    done = {u for _, u in list_checkpoints(run_url)}
-    for step, url in list_checkpoints(run_url, complete_only=False):
+    done = {u for _, u in ck.list_checkpoints(run_url)}
+    for step, url in ck.list_checkpoints(run_url, complete_only=False):
         if url not in done or step > resumed_step:
-            storage.delete(storage.url_join(url, DIGESTS))
+            storage.delete(storage.url_join(url, ck.DIGESTS))
             storage.delete(url, recursive=True)
 
 
@@ -261,47 +298,88 @@ class Run:
 
     def __init__(self, run_url: str, state: TrainState, *, rank: int = 0, world: int = 1, encoder: Any = None,
                  data_url: str = "", dataset_digest: str = "", prompts: EvalPrompts | None = None,
-                 launch: str = ""):
+                 launch: str = "", trackers: tuple[str, ...] = (), config: dict | None = None):
         self.url, self.state, self.rank, self.world = run_url, state, rank, world
         self.encoder = to_dict(encoder) if dataclasses.is_dataclass(encoder) else encoder
         self.data_url, self.dataset_digest, self.prompts, self.launch = data_url, dataset_digest, prompts, launch
         self.files = RunFiles(run_url) if rank == 0 else None
         self.epoch = self.epoch_step = 0
         self.last_ckpt = -1
+        self.parent = ""  # the model this run started from, if any (lineage for checkpoints and cards)
+        self.tracker_names, self.config, self.trackers = trackers, config or {}, None
         self.last_metrics: dict = {}
 
     def resume(self, url: str | None) -> dict:
         """Load `url` (None: a fresh start) on every rank; returns the start event (rank 0 records it)."""
         start = {"event": "start", "launch": self.launch, "world": self.world, "resumed_from": None,
+                 "init_from": self.parent or None,
                  "step": 0, "pids": gather(os.getpid()), "hosts": gather(socket.gethostname()),
                  "device": str(self.state.runtime.device), "threads": torch.get_num_threads()}
         if url is not None:
-            ck = load_checkpoint(url, self.state, map_location=self.state.runtime.device)
-            pos = ck.meta.get("data_position") or {}
+            saved = ck.load_checkpoint(url, self.state, map_location=self.state.runtime.device)
+            pos = saved.meta.get("data_position") or {}
+            self.parent = saved.meta.get("parent") or ""
             self.epoch = int(pos.get("epoch", 0)) + (1 if pos.get("epoch_step") else 0)
             self.last_ckpt = self.state.step
             # What the checkpoint says it saved and what loading it gave: a resume is checkable
             # even when the worker died before the checkpoint's event was written.
             start.update(resumed_from=storage.describe(url), step=self.state.step,
-                         saved=ck.meta.get("state_digests") if self.rank == 0 else None,
+                         saved=saved.meta.get("state_digests") if self.rank == 0 else None,
                          restored=state_digests(self.state) if self.rank == 0 else None)
         if self.rank == 0:
             clean_unfinished(self.url, self.state.step)
             self.files.start(self.state.step)
+            self.open_trackers()
             start["attempt"] = 1 + sum(1 for e in self.files.events()
                                        if e.get("event") == "start" and e.get("launch") == self.launch)
             self.files.event(start)
         return start
 
+    def init_weights(self, parent: dict) -> None:
+        """A fresh run starts from `parent`'s weights (see `resolve_parent`) with fresh optimizers.
+
+        A registered model keeps only its EMA sampling network, so for a GAN the discriminator starts
+        fresh; a run's checkpoint gives every module (its EMA weights for the sampling network).
+        """
+        device, fam = self.state.runtime.device, family(self.state.family)
+        if parent["kind"] == "registry":
+            _, net, _ = Registry(parent["registry"] or None).load(parent["ref"], map_location=device)
+            ema, modules = net.state_dict(), {}
+        else:
+            saved = ck.load_checkpoint(parent["url"], map_location=device)
+            ema, modules = saved.ema, {k: v for k, v in saved.modules.items() if k != fam.sampler_module}
+        try:
+            for name, sd in {**modules, fam.sampler_module: ema}.items():
+                unwrap(self.state.modules[name]).load_state_dict(sd, strict=True)
+            self.state.ema.load_state_dict(ema, strict=True)
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"--init-from {parent['ref']}: its weights do not fit this run's model "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        self.parent = parent["ref"]
+
     def decide_resume(self, tracked_step: int = -1) -> tuple[str | None, bool]:
         """Rank 0 picks the resume point; every rank gets its answer."""
         return broadcast(resume_point(self.url, tracked_step) if self.rank == 0 else (None, False))
+
+    def open_trackers(self) -> None:
+        """Rank 0 opens the run's trackers at the step it starts from (see `t2i.train.trackers`)."""
+        if self.rank == 0 and self.tracker_names:
+            self.trackers = Trackers(self.tracker_names, self.url, self.config, self.state.step)
 
     def log(self, rec: dict) -> None:
         rec = {"epoch": self.epoch, **rec}
         self.last_metrics = rec
         if self.rank == 0:
             self.files.metric(rec)
+            if self.trackers is not None:
+                self.trackers.metrics(rec)
+
+    def close(self) -> None:
+        """The end of the run on this rank: rank 0 flushes its files and closes its trackers."""
+        if self.rank == 0:
+            self.files.flush()
+            if self.trackers is not None:
+                self.trackers.close()
 
     def event(self, rec: dict) -> None:
         if self.rank == 0:
@@ -310,19 +388,25 @@ class Run:
     def save(self) -> str:
         """Rank 0 writes the checkpoint (weights, EMA, optimizers, data position) and a sample grid."""
         step = self.state.step
-        url = checkpoint_url(self.url, step)
+        url = ck.checkpoint_url(self.url, step)
         if self.rank == 0:
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
             digests = state_digests(self.state)  # weights, EMA, optimizers: a resume is checked against them
-            save_checkpoint(url, self.state, encoder_spec=self.encoder, meta_extra={
+            ck.save_checkpoint(url, self.state, encoder_spec=self.encoder, meta_extra={
                 "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step}, "state_digests": digests,
                 "metrics": self.metrics(), "run_url": storage.describe(self.url),
                 "dataset_url": storage.describe(self.data_url), "dataset_digest": self.dataset_digest,
+                **({"parent": self.parent} if self.parent else {}),
             })
             saved = time.perf_counter() - t0
             if self.prompts is not None:
-                write_samples(self.state, self.prompts, storage.url_join(self.url, "samples", f"step_{step:06d}.png"))
+                sheet = write_samples(self.state, self.prompts, storage.url_join(self.url, "samples",
+                                                                                 f"step_{step:06d}.png"))
+                if self.trackers is not None:
+                    self.trackers.image("samples", sheet, step)
+            if self.trackers is not None:
+                self.trackers.flush()
             self.files.event({"event": "checkpoint", "step": step, "url": storage.describe(url),
                               "save_s": round(saved, 3), "total_s": round(time.perf_counter() - t0, 3),
                               "state": digests})

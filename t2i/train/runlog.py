@@ -17,18 +17,20 @@ from typing import Any, Mapping
 
 from t2i import storage
 from t2i.errors import T2IError
+from t2i.progress import eta
 
 log = logging.getLogger("t2i.train")
 
 
 def format_line(rec: Mapping[str, Any], total_steps: int) -> str:
-    """One dense log line: step, losses, img/s, lr, data-wait %, peak memory."""
+    """One dense log line: step, losses, lr, img/s, data-wait %, peak memory, percentage and ETA."""
     width = len(str(total_steps))
     losses = " ".join(f"{k}={rec[k]:.4g}" for k in sorted(rec) if k.startswith("loss") and isinstance(rec[k], float))
     lr = f" lr={rec['lr']:.3g}" if "lr" in rec else ""
     return (f"step {rec['step']:>{width}}/{total_steps} {losses}{lr} "
             f"{rec['img_per_s']:.1f} img/s {rec['step_s'] * 1000:.0f} ms/step data-wait {rec['data_wait']:.1%}"
-            + (f" mem {rec['mem_mb']:.0f}MB" if "mem_mb" in rec else ""))
+            + (f" mem {rec['mem_mb']:.0f}MB" if "mem_mb" in rec else "")
+            + f" {eta(rec['step'], total_steps, rec['step_s'])}")
 
 
 class RunFiles:

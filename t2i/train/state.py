@@ -58,10 +58,15 @@ def images_to_tensor(image: torch.Tensor) -> torch.Tensor:
 
 
 def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
-    """Linear warmup then constant: short runs gain nothing from decay schedules here."""
+    """Linear warm-up, then the recipe's schedule: constant (short runs gain nothing from decay),
+    or cosine / linear decay from base_lr to lr_final x base_lr at the last step."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return base_lr * (step + 1) / cfg.warmup_steps
-    return base_lr
+    if cfg.lr_schedule == "constant":
+        return base_lr
+    done = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
+    return base_lr * (cfg.lr_final + (1 - cfg.lr_final) * shape)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
