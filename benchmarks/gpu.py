@@ -68,7 +68,9 @@ def flow_flops_per_sample(cfg, text_len: int) -> float:
     if getattr(cfg, "conv_mlp", False):
         per_block += 9 * r * N * W
     macs = cfg.depth * per_block + M * cfg.text_dim * W
-    macs += N * cfg.patch * cfg.patch * (C if stem else 3) * W  # patch embedding
+    embed = getattr(cfg, "patch_dim", 0) or W
+    macs += N * cfg.patch * cfg.patch * (C if stem else 3) * embed  # patch embedding (to the bottleneck)
+    macs += N * embed * W if embed != W else 0  # the bottleneck's projection to the width
     macs += N * W * cfg.patch * cfg.patch * (C or 3)  # the final linear (unpatchify)
     if C:
         macs += pixels * 9 * ((2 * C if stem else C) * C + C * 3)

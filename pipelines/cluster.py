@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 
 import ray
+import ray.data
 
 from t2i import storage
 from t2i.errors import T2IError
@@ -26,15 +28,22 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 
 def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     """Use the Ray already initialised in this process, else connect to `address` (or
-    $RAY_ADDRESS), else start a local one. True if this call started or connected it."""
+    $RAY_ADDRESS), else start a local one. True if this call started or connected it.
+
+    Ray's chatter (start-up notices, Ray Data's progress dumps) is hidden unless the root logger
+    is at DEBUG (`t2i --debug`): the jobs print their own progress lines; Ray's errors still show.
+    """
+    quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
+    if quiet:  # Ray Data's advice that an actor pool could be smaller than its minimum: the plan is ours
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": WORKER_ENV})
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=log_to_driver,
-                 runtime_env={"env_vars": WORKER_ENV})
+    local = {} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
+    ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": WORKER_ENV},
+             logging_level=logging.ERROR if quiet else logging.INFO, **local)  # token auth warns on every start
     return True
 
 

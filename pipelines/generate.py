@@ -2,7 +2,7 @@
 
 The work, the provenance and the output bookkeeping are `t2i.generate`; this module runs its
 `ImageMaker` in an actor pool (one actor per GPU, else single-threaded CPU actors) over the rows
-still to do. A few prompts (at most LOCAL_MAX still to do, no cluster address) run in this process
+still to do. A few prompts (`t2i.generate.runs_here`: no cluster in play) run in this process
 instead: starting Ray and its actors takes seconds, a one-step model makes an image in
 milliseconds. Either way the bytes are the same (see `t2i.generate` for why they do not depend on
 batch size, actor count or where they are made).
@@ -25,32 +25,23 @@ from t2i.progress import eta
 
 log = logging.getLogger("t2i.generate")
 
-LOCAL_MAX = 64  # rows still to do that run in this process unless told otherwise
-
-
-def in_process(local: bool | None, address: str | None, todo: int) -> bool:
-    """Whether to generate here: as asked, else when the job is small and no cluster is in play."""
-    if local is not None:
-        return local
-    # Already connected (the demo, a notebook): use that cluster.
-    busy = bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
-    return not busy and todo <= LOCAL_MAX
-
-
 def generate(model: str, prompts: str, out: str, *, registry: str | None = None, steps: int | None = None,
              guidance: float | None = None, batch_size: int = 16, seed: int = 0, actors: int | None = None,
-             grid: bool = False, address: str | None = None, local: bool | None = None) -> dict:
+             grid: bool = False, address: str | None = None, local: bool | None = None, per_prompt: int = 1) -> dict:
     """prompt file -> OUT/images/{id}.png + manifest with registered `model`. On Ray (started or
     connected only if some image is still to make), or in this process when `local` says so (None:
-    up to LOCAL_MAX rows with no cluster address). Returns the summary of `t2i.generate.finish`:
+    up to gen.LOCAL_MAX rows with no cluster in play). Returns the summary of `t2i.generate.finish`:
     written, existing, errors, images, images_per_s, seconds, out, grid, model."""
     if batch_size < 1:
         raise T2IError(f"--batch-size must be >= 1, got {batch_size}")
     if actors is not None and actors < 1:
         raise T2IError(f"--actors must be >= 1, got {actors}")
-    job = gen.prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed)
+    job = gen.prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed,
+                      per_prompt=per_prompt)
     results, job_s = [], 0.0
-    if job.todo and in_process(local, address, len(job.todo)):
+    # A cluster is in play when named, or already connected (the demo, a notebook).
+    cluster_named = bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    if job.todo and gen.runs_here(local, cluster_named, len(job.todo)):
         log.info("generate: %d prompt(s) in this process (no Ray)", len(job.todo))
         t0 = time.perf_counter()
         # One thread, as the CPU actors run: some CPU reductions change their order with the thread count.
@@ -81,8 +72,8 @@ def generate(model: str, prompts: str, out: str, *, registry: str | None = None,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registered model: NAME, NAME:VERSION or NAME@ALIAS")
     p.add_argument("--prompts", required=True,
-                   help="prompt file: .txt (one prompt per line) or .jsonl/.csv/.parquet "
-                   "(prompt, optional id and seed)")
+                   help="prompt file: .txt (one prompt per line) or .jsonl/.csv/.tsv/.parquet "
+                   "(prompt, optional id and seed; other columns go into the manifest)")
     p.add_argument("--out", required=True, help="output directory or s3:// prefix (images/, manifest, errors)")
     p.add_argument("--registry", default=None, help="registry URL (default: $T2I_REGISTRY, else ~/.t2i/registry)")
     p.add_argument("--steps", type=int, default=None, help="flow sampling steps (default: the model's)")
@@ -90,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help=f"prompts per actor call (default: %(default)s; CPU models take {gen.MICRO_BATCH} at a time)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
+    p.add_argument("--per-prompt", type=int, default=1, metavar="N",
+                   help="images per prompt, ids ID-0..ID-(N-1) (default: %(default)s)")
     p.add_argument("--actors", type=int, default=None,
                    help=f"generation actors (default: one per GPU, else one per CPU core, at most "
                         f"{gen.MAX_DEFAULT_ACTORS})")
@@ -98,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", dest="local", action="store_true", default=None,
-                       help=f"generate in this process, without Ray (default for up to {LOCAL_MAX} prompts "
+                       help=f"generate in this process, without Ray (default for up to {gen.LOCAL_MAX} prompts "
                             "when no cluster address is given)")
     where.add_argument("--ray", dest="local", action="store_false", help="generate on Ray even for a few prompts")
 
@@ -106,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = generate(args.model, args.prompts, args.out, registry=args.registry, steps=args.steps,
                  guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, actors=args.actors,
-                 grid=args.grid, address=args.address, local=args.local)
+                 grid=args.grid, address=args.address, local=args.local, per_prompt=args.per_prompt)
     print(gen.summary_line(s))
     return 0
 

@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", dest="sets",
                    help="override a model. or train. config key, e.g. train.lr_schedule=cosine (repeatable)")
     p.add_argument("--tracker", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard "
-                   "(RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlruns), wandb (offline by default)")
+                   "(RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db), wandb (offline by default)")
     p.add_argument("--register", help="register the final EMA weights under this name")
     p.add_argument("--registry", help="registry URL (default: $T2I_REGISTRY or ~/.t2i/registry)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -221,7 +221,6 @@ def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> tuple[Any
     no coordinator actor), streamed files are reshuffled per epoch before Ray's `streaming_split`;
     the local shuffle buffer of each worker mixes within its shard.
     """
-    ray.data.DataContext.get_current().enable_progress_bars = False
     res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
     rows = int(manifest["counts"]["kept"])
     size = rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * int(manifest["text"]["real_tokens"])

@@ -43,7 +43,7 @@ from t2i.data.batching import collate_features
 from t2i.errors import StorageError, T2IError
 from t2i.eval.grid import write_contact_sheet
 from t2i.families import family
-from t2i.prompts import PromptFile, id_problem, read_prompts
+from t2i.prompts import PromptFile, expand, id_problem, read_prompts
 from t2i.registry import Registry
 from t2i.runtime import setup_runtime
 from t2i.sampling import generate as sample_images
@@ -313,9 +313,11 @@ def absolute(url: str) -> str:
 
 
 def prepare(model: str, prompts: str, out: str, *, registry: str | None = None, steps: int | None = None,
-            guidance: float | None = None, seed: int = 0) -> Job:
-    """Resolve the model and its sampling settings, read the prompt file, claim OUT (job.json),
-    write OUT/errors.jsonl and find the rows still to do."""
+            guidance: float | None = None, seed: int = 0, per_prompt: int = 1) -> Job:
+    """Resolve the model and its sampling settings, read the prompt file (`per_prompt` images per
+    prompt: ids `ID-0` ...), claim OUT (job.json), write OUT/errors.jsonl and find the rows still to do."""
+    if per_prompt < 1:
+        raise T2IError(f"--per-prompt must be >= 1, got {per_prompt}")
     started = time.perf_counter()
     out = absolute(out)
     reg = Registry(registry and absolute(registry))
@@ -325,6 +327,8 @@ def prepare(model: str, prompts: str, out: str, *, registry: str | None = None, 
         raise T2IError(f"model '{ref}': its card records no text encoder, so prompts cannot be embedded")
     steps, guidance = family(card.get("family")).sampling_settings(card.get("model") or {}, steps, guidance)
     pf = read_prompts(prompts, default_seed=seed)
+    pf.rows, more = expand(pf.rows, per_prompt)
+    pf.errors += more
 
     check_job(out, {"format": FORMAT, "model": ref, "digest": digest, "family": card.get("family"),
                     "steps": steps, "guidance": guidance, "seed": seed})
@@ -352,6 +356,8 @@ def finish(job: Job, results: list[dict], seconds: float, grid: bool = False) ->
     fresh = {r["id"]: record(r["id"], r["prompt"], r["seed"], job.ref, job.digest, job.steps, job.guidance)
              for r in written}
     rows = build_manifest(job.out, fresh)
+    extras = {r.id: r.extra for r in job.prompts.rows if r.extra}  # the prompt file's other columns
+    rows = [{**r, "extra": extras[r["id"]]} if r["id"] in extras else r for r in rows]
     write_outputs(job.out, rows, {
         "format": FORMAT, "model": job.ref, "digest": job.digest, "family": job.family, "steps": job.steps,
         "guidance": job.guidance, "prompts": storage.describe(job.prompts.url), "errors": len(job.prompts.errors),
@@ -380,18 +386,30 @@ def local_maker(batch_size: int = 16, device: str = "auto", threads: int | None 
 
 def generate(model: str, prompts: str, out: str, *, make: Callable[[Job], list[dict]] | None = None,
              registry: str | None = None, steps: int | None = None, guidance: float | None = None,
-             batch_size: int = 16, seed: int = 0, grid: bool = False) -> dict:
+             batch_size: int = 16, seed: int = 0, grid: bool = False, per_prompt: int = 1) -> dict:
     """A whole generation job: `make(job)` maps job.todo rows to result rows {id, prompt, seed,
     status} (default: `local_maker(batch_size)`, in this process); returns finish's summary."""
     if batch_size < 1:
         raise T2IError(f"--batch-size must be >= 1, got {batch_size}")
-    job = prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed)
+    job = prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed,
+                  per_prompt=per_prompt)
     results, seconds = [], 0.0
     if job.todo:
         t0 = time.perf_counter()
         results = (make or local_maker(batch_size))(job)
         seconds = time.perf_counter() - t0
     return finish(job, results, seconds, grid=grid)
+
+
+LOCAL_MAX = 64  # rows still to do that a job runs in its own process unless told otherwise
+
+
+def runs_here(local: bool | None, cluster: bool, todo: int) -> bool:
+    """Whether a job generates in its own process: as asked (`local`), else when it is small and no
+    cluster is in play: starting Ray and its actors costs seconds, a one-step image milliseconds."""
+    if local is not None:
+        return local
+    return not cluster and todo <= LOCAL_MAX
 
 
 def summary_line(s: dict) -> str:

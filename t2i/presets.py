@@ -1,7 +1,13 @@
 """Every preset in one table: name -> model config (its sampling defaults included) + training recipe.
 
 `*-debug` presets are for tests (seconds on a CPU), `*-s` for the CPU demo and the shapes quality
-benchmark, `*-b` / `*-l` for GPUs. A model config's `family` picks its row in `t2i.families`.
+benchmark, `*-b` (64 px), `*-l` (256 px) and `*-xl` (512 px) for GPUs. A model config's `family`
+picks its row in `t2i.families`. `footprint(name)` says what a preset costs (`t2i presets`).
+
+Pixel-space flow presets keep at most 1,024 tokens per image: global attention over 16k tokens
+(patch 2 at 256 px) costs ~200x a patch-16 model of the same width and depth, and no published
+pixel-space DiT does it. At 256 and 512 px they follow JiT (Li & He 2025): patch 16 / 32, a
+bottleneck patch embedding and x-prediction.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from t2i.config import TrainConfig
 from t2i.errors import ConfigError
-from t2i.models.flow import FlowConfig
-from t2i.models.gan import GANConfig
+from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.models.gan import Discriminator, GANConfig, Generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,12 @@ PRESETS: dict[str, Preset] = {
                   resolution=256, shuffle=1, w_dim=512, mapping_layers=4, g_widths=(768, 768, 512, 512, 256, 128, 64),
                   d_widths=(64, 128, 256, 512, 512, 768, 768), g_attn_res=(8, 16, 32), d_attn_res=(8, 16),
                   heads=8, d_feat=768, r1_gamma=2.0, r2_gamma=2.0),
+    "gan-xl": _gan(dict(steps=300_000, batch_size=256, lr=2e-4, lr_d=2e-4, warmup_steps=2000, ema_decay=0.9999,
+                        checkpoint_every=5000),
+                   resolution=512, shuffle=1, w_dim=512, mapping_layers=4,
+                   g_widths=(1024, 1024, 768, 512, 512, 256, 128, 64),
+                   d_widths=(64, 128, 256, 512, 512, 768, 1024, 1024),
+                   g_attn_res=(8, 16, 32), d_attn_res=(8, 16), heads=8, d_feat=1024, r1_gamma=2.0, r2_gamma=2.0),
     "flow-debug": _flow(dict(steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.99, log_every=20),
                         resolution=16, patch=2, width=64, depth=2, heads=2, steps=8),
     # Tuned on the 32 px shapes set for a 10-minute, 2-core CPU budget (benchmarks/quality_shapes.py):
@@ -61,7 +76,12 @@ PRESETS: dict[str, Preset] = {
                     resolution=64, patch=2, width=768, depth=12, heads=12, steps=32, guidance=4.0),
     "flow-l": _flow(dict(steps=400_000, batch_size=512, lr=1e-4, warmup_steps=5000, ema_decay=0.9999,
                          log_every=100, checkpoint_every=10000),
-                    resolution=256, patch=2, width=1024, depth=24, heads=16, steps=32, guidance=4.0, time_shift=3.0),
+                    resolution=256, patch=16, patch_dim=128, width=1024, depth=24, heads=16, prediction="x",
+                    t_mean=0.8, t_std=0.8, steps=32, guidance=4.0, time_shift=3.0),
+    "flow-xl": _flow(dict(steps=400_000, batch_size=512, lr=1e-4, warmup_steps=5000, ema_decay=0.9999,
+                          log_every=100, checkpoint_every=10000),
+                     resolution=512, patch=32, patch_dim=256, width=1536, depth=28, heads=24, prediction="x",
+                     t_mean=0.8, t_std=0.8, steps=32, guidance=4.0, time_shift=3.0),
 }
 
 
@@ -69,3 +89,84 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})")
     return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------- what a preset costs
+
+GPU_PEAK_FLOPS = 989e12  # H100 / H200 dense bf16
+MFU = 0.4
+GPU_MEMORY = 80e9
+GPUS = 8  # the node a GPU preset's global batch is split over
+
+
+def _forward(net: torch.nn.Module, args: tuple) -> tuple[float, float]:
+    """(FLOPs, activation values) of one forward at batch 1, counted on the meta device (no memory,
+    no compute): FLOPs by PyTorch's counter; activations as the sum of every leaf module's output,
+    roughly what autograd keeps for the backward pass."""
+    acts = [0]
+
+    def hook(_m, _i, out):
+        acts[0] += sum(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    try:
+        with FlopCounterMode(display=False) as fc:
+            net(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return float(fc.get_total_flops()), float(acts[0])
+
+
+def footprint(name: str, text_len: int = 64, gpus: int = GPUS) -> dict:
+    """Parameters, tokens per image, forward FLOPs per sample, training memory per GPU at the
+    per-GPU batch (DDP: fp32 weights, grads, Adam moments and EMA, 20 bytes a parameter; bf16
+    activations), and the samples/s one H100/H200 would train at 40% MFU."""
+    cfg, train = PRESETS[name].model, PRESETS[name].train
+    R, D = cfg.resolution, cfg.text_dim
+    with torch.device("meta"):
+        text = (torch.zeros(1, text_len, D), torch.ones(1, text_len, dtype=torch.bool), torch.zeros(1, D))
+        if cfg.family == "flow":
+            nets = {"model": FlowDiT(cfg)}
+            flops, acts = _forward(nets["model"], (torch.zeros(1, 3, R, R), torch.zeros(1), *text))
+            train_flops, tokens = 3 * flops, cfg.grid ** 2  # backward = 2x forward
+        else:
+            nets = {"G": Generator(cfg), "D": Discriminator(cfg)}
+            flops, acts = _forward(nets["G"], (torch.zeros(1, cfg.z_dim), *text))
+            d_flops, d_acts = _forward(nets["D"], (torch.zeros(1, 3, R, R), *text))
+            # D sees reals, fakes and wrong captions, then fakes twice for G's step; fwd + bwd = 3x
+            train_flops, acts, tokens = 3 * (flops + 5 * d_flops), acts + 3 * d_acts, 0
+    params = sum(p.numel() for net in nets.values() for p in net.parameters())
+    per_gpu = max(1, train.batch_size // gpus)
+    state_gb, act_gb = 20 * params / 1e9, 2 * acts * per_gpu / 1e9
+    return {"preset": name, "family": cfg.family, "resolution": R, "params_m": params / 1e6, "tokens": tokens,
+            "gflops_per_sample": flops / 1e9, "batch_per_gpu": per_gpu, "state_gb": state_gb,
+            "activation_gb": act_gb, "memory_gb": state_gb + act_gb,
+            "samples_per_s_40mfu": MFU * GPU_PEAK_FLOPS / train_flops}
+
+
+def table(names: list[str] | None = None) -> str:
+    """The presets as a Markdown table (README's, printed by `t2i presets`)."""
+    head = ("| preset | family | px | params | tokens | fwd GFLOP/sample | batch/GPU | memory/GPU | "
+            "samples/s/GPU at 40% MFU |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in names or list(PRESETS):
+        f = footprint(name)
+        rows.append(f"| `{name}` | {f['family']} | {f['resolution']} | {f['params_m']:.1f}M | {f['tokens'] or '-'} | "
+                    f"{f['gflops_per_sample']:.3g} | {f['batch_per_gpu']} | {f['memory_gb']:.1f} GB | "
+                    f"{f['samples_per_s_40mfu']:,.0f} |")
+    return "\n".join([head, *rows])
+
+
+def add_arguments(p) -> None:
+    p.add_argument("names", nargs="*", help="presets to show (default: all)")
+
+
+def run(args) -> int:
+    for name in args.names:
+        get_preset(name)
+    print(table(args.names or None))
+    print(f"\nMemory: DDP on {GPUS} GPUs (20 bytes a parameter: fp32 weights, grads, Adam, EMA) + bf16 activations "
+          f"at the per-GPU batch. Throughput: {MFU:.0%} of an H100/H200's {GPU_PEAK_FLOPS / 1e12:.0f} dense bf16 "
+          "TFLOP/s, training = 3x forward FLOPs.")
+    return 0

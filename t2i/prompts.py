@@ -1,10 +1,13 @@
-"""Prompt files for batch generation: txt, jsonl, csv or parquet, validated row by row.
+"""Prompt files for batch generation: txt, jsonl, csv, tsv or parquet, validated row by row.
 
 Formats:
   txt      one prompt per line; the id is the line number, zero-padded ("000001", ...)
   jsonl    one JSON object per line: "prompt" (required), "id" and "seed" (optional)
-  csv      a header row naming "prompt" and optionally "id" and "seed"
+  csv/tsv  a header row naming "prompt" (or "prompts", any case: DrawBench's and PartiPrompts'
+           layouts) and optionally "id" and "seed"
   parquet  columns "prompt" and optionally "id" and "seed"
+Any other field or column (a benchmark's category, challenge, note) is kept as the row's `extra`
+and carried into the output manifest.
 
 A bad row (empty or over-long prompt, invalid or duplicate id, a line that is not UTF-8, a bad
 seed) becomes a `PromptError` naming its row and the reason; the other rows go on. Only a file
@@ -30,7 +33,10 @@ MAX_PROMPT_CHARS = 2000
 MAX_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
 ID_WIDTH = 6  # txt ids: fixed width, so a line keeps its id when the file grows
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
+           ".pq": "parquet"}
+MAX_EXTRA = 32  # extra fields kept per row
+PROMPT_COLUMNS = ("prompt", "prompts")
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # what undecodable bytes become under surrogateescape
@@ -42,6 +48,7 @@ class PromptRow:
     prompt: str
     seed: int
     row: int  # 1-based record number in the file (the line number for txt and jsonl)
+    extra: dict = dataclasses.field(default_factory=dict)  # the row's other fields, as JSON values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +113,17 @@ def read_prompts(url: str, default_seed: int = 0, fmt: str | None = None,
         raise T2IError(f"{storage.describe(url)}: unknown prompt file format {fmt!r}")
     data = storage.read_bytes(url)
     where = storage.describe(url)
-    records = {"txt": _txt_records, "jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[fmt]
+    records = {"txt": _txt_records, "jsonl": _jsonl_records, "csv": _csv_records, "tsv": _tsv_records,
+               "parquet": _parquet_records}[fmt]
     v = _Validator(default_seed, max_prompt_chars)
     for rec in records(data, where):
         v.add(*rec)
     return PromptFile(url=url, format=fmt, rows=v.rows, errors=v.errors)
 
 
-# A record: (row number, raw id or None, raw prompt, raw seed or None, problem found while parsing or None).
-Record = tuple[int, Any, Any, Any, "str | None"]
+# A record: (row number, raw id or None, raw prompt, raw seed or None, problem found while parsing or
+# None, the other fields).
+Record = tuple[int, Any, Any, Any, "str | None", dict]
 
 
 def _decode(data: bytes) -> str:
@@ -132,7 +141,7 @@ def _lines(data: bytes) -> list[str]:
 
 def _txt_records(data: bytes, where: str) -> Iterator[Record]:
     for n, line in enumerate(_lines(data), start=1):
-        yield n, row_id(n), line, None, None
+        yield n, row_id(n), line, None, None, {}
 
 
 def _jsonl_records(data: bytes, where: str) -> Iterator[Record]:
@@ -140,33 +149,41 @@ def _jsonl_records(data: bytes, where: str) -> Iterator[Record]:
         if not line.strip():
             continue
         if _SURROGATE.search(line):
-            yield n, None, None, None, "line is not valid UTF-8"
+            yield n, None, None, None, "line is not valid UTF-8", {}
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            yield n, None, None, None, f"not valid JSON ({e.msg} at column {e.colno})"
+            yield n, None, None, None, f"not valid JSON ({e.msg} at column {e.colno})", {}
             continue
         if not isinstance(obj, dict):
-            yield n, None, None, None, f"expected a JSON object, got {type(obj).__name__}"
+            yield n, None, None, None, f"expected a JSON object, got {type(obj).__name__}", {}
             continue
-        yield n, obj.get("id"), obj.get("prompt"), obj.get("seed"), None
+        extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "seed")}
+        yield n, obj.get("id"), obj.get("prompt"), obj.get("seed"), None, extra
 
 
-def _csv_records(data: bytes, where: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(_decode(data), newline=""))
+def _tsv_records(data: bytes, where: str) -> Iterator[Record]:
+    return _csv_records(data, where, delimiter="\t")
+
+
+def _csv_records(data: bytes, where: str, delimiter: str = ",") -> Iterator[Record]:
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(_decode(data), newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as e:
-        raise T2IError(f"{where}: bad CSV header ({e})") from None
+        raise T2IError(f"{where}: bad {kind} header ({e})") from None
     cols = [h.strip().lower() for h in header]
-    if "prompt" not in cols:
-        raise T2IError(f"{where}: no 'prompt' column in the CSV header (found: {', '.join(cols) or 'nothing'})")
-    pi = cols.index("prompt")
+    prompt_col = next((c for c in PROMPT_COLUMNS if c in cols), None)
+    if prompt_col is None:
+        raise T2IError(f"{where}: no 'prompt' column in the {kind} header (found: {', '.join(cols) or 'nothing'})")
+    pi = cols.index(prompt_col)
     ii = cols.index("id") if "id" in cols else None
     si = cols.index("seed") if "seed" in cols else None
+    others = [(j, header[j].strip()) for j in range(len(cols)) if j not in (pi, ii, si)]
     n = 0
     while True:
         try:
@@ -175,18 +192,20 @@ def _csv_records(data: bytes, where: str) -> Iterator[Record]:
             return
         except csv.Error as e:  # e.g. a NUL byte; the reader resumes on the next line
             n += 1
-            yield n, None, None, None, f"bad CSV record ({e})"
+            yield n, None, None, None, f"bad {kind} record ({e})", {}
             continue
         n += 1
         if not fields:
             continue
         if any(_SURROGATE.search(f) for f in fields):
-            yield n, None, None, None, "line is not valid UTF-8"
+            yield n, None, None, None, "line is not valid UTF-8", {}
             continue
         if len(fields) != len(cols):
-            yield n, None, None, None, f"expected {len(cols)} fields, got {len(fields)}"
+            yield n, None, None, None, f"expected {len(cols)} fields, got {len(fields)}", {}
             continue
-        yield n, fields[ii] if ii is not None else None, fields[pi], fields[si] if si is not None else None, None
+        extra = {name: fields[j] for j, name in others}
+        yield (n, fields[ii] if ii is not None else None, fields[pi], fields[si] if si is not None else None, None,
+               extra)
 
 
 def _parquet_records(data: bytes, where: str) -> Iterator[Record]:
@@ -199,15 +218,18 @@ def _parquet_records(data: bytes, where: str) -> Iterator[Record]:
     if "prompt" not in table.column_names:
         raise T2IError(f"{where}: no 'prompt' column (found: {', '.join(table.column_names)})")
     cols = {c: table.column(c).to_pylist() for c in ("id", "prompt", "seed") if c in table.column_names}
+    others = {c: table.column(c).to_pylist() for c in table.column_names if c not in cols}
     for i in range(table.num_rows):
         prompt = cols["prompt"][i]
         if isinstance(prompt, bytes):
             try:
                 prompt = prompt.decode("utf-8")
             except UnicodeDecodeError:
-                yield i + 1, None, None, None, "prompt is not valid UTF-8"
+                yield i + 1, None, None, None, "prompt is not valid UTF-8", {}
                 continue
-        yield i + 1, cols["id"][i] if "id" in cols else None, prompt, cols["seed"][i] if "seed" in cols else None, None
+        extra = {c: v[i] for c, v in others.items()}
+        yield (i + 1, cols["id"][i] if "id" in cols else None, prompt, cols["seed"][i] if "seed" in cols else None,
+               None, extra)
 
 
 class _Validator:
@@ -217,7 +239,7 @@ class _Validator:
         self.errors: list[PromptError] = []
         self.seen: dict[str, int] = {}  # casefolded id -> row: ids differing only in case collide on macOS/Windows
 
-    def add(self, n: int, raw_id: Any, prompt: Any, raw_seed: Any, problem: str | None) -> None:
+    def add(self, n: int, raw_id: Any, prompt: Any, raw_seed: Any, problem: str | None, extra: dict) -> None:
         shown_id = _shown(raw_id)
         if problem:
             self.errors.append(PromptError(n, shown_id, problem))
@@ -239,7 +261,7 @@ class _Validator:
         if why:
             self.errors.append(PromptError(n, rid, why))
             return
-        self.rows.append(PromptRow(id=rid, prompt=prompt.strip(), seed=seed, row=n))
+        self.rows.append(PromptRow(id=rid, prompt=prompt.strip(), seed=seed, row=n, extra=_clean_extra(extra)))
 
     def _prompt_problem(self, prompt: Any) -> str | None:
         if prompt is None:
@@ -253,6 +275,34 @@ class _Validator:
         if len(prompt) > self.max_chars:
             return f"prompt longer than {self.max_chars} characters ({len(prompt)})"
         return None
+
+
+def _clean_extra(extra: dict) -> dict:
+    """The row's other fields as bounded JSON values: they end up in the manifest and the PNGs."""
+    out = {}
+    for k, v in list(extra.items())[:MAX_EXTRA]:
+        if not isinstance(v, (str, int, float, bool)) and v is not None:
+            v = json.loads(json.dumps(v, default=str))  # nested JSON stays; anything else becomes text
+        text = json.dumps(v, ensure_ascii=False)
+        out[str(k)[:MAX_ID_CHARS]] = v if len(text) <= MAX_PROMPT_CHARS else text[:MAX_PROMPT_CHARS]
+    return out
+
+
+def expand(rows: list[PromptRow], per_prompt: int) -> tuple[list[PromptRow], list[PromptError]]:
+    """N images per prompt: row `id` becomes ids `id-0` .. `id-(N-1)` (same prompt and seed; the id
+    alone changes the noise), each recording its `prompt_id` and `sample` in its extra."""
+    if per_prompt == 1:
+        return rows, []
+    out, errors = [], []
+    for r in rows:
+        ids = [f"{r.id}-{k}" for k in range(per_prompt)]
+        problem = next((p for p in map(id_problem, ids) if p), None)
+        if problem:
+            errors.append(PromptError(r.row, r.id, f"--per-prompt {per_prompt}: {problem}"))
+            continue
+        out += [dataclasses.replace(r, id=i, extra={**r.extra, "prompt_id": r.id, "sample": k})
+                for k, i in enumerate(ids)]
+    return out, errors
 
 
 def _shown(raw_id: Any) -> str | None:

@@ -93,3 +93,20 @@ def test_output_exists(tmp_path):
     assert_one_line_error(r, str(out))
     r = t2i("--debug", "data", "shapes", "--out", str(out), "--num", "4", "--resolution", "16")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_jobs_are_quiet_by_default(tmp_path):
+    """Our progress lines, not Ray's: no token-auth notice, no Ray Data progress dumps; --debug
+    brings Ray's output back."""
+    shards = tmp_path / "shards"
+    r = t2i("data", "shapes", "--out", str(shards), "--num", "32", "--resolution", "16")
+    assert r.returncode == 0, r.stderr
+    r = t2i("embed", "--data", str(shards), "--out", str(tmp_path / "emb"), "--resolution", "16", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("embed: 32 kept, 0 skipped of 32 samples")
+    for noise in ("Token authentication is enabled", "logging_progress", "Running Dataset", "Progress bars",
+                  "minimum number of concurrent actors", "Started a local Ray instance"):
+        assert noise not in r.stderr, noise
+    r = t2i("--debug", "embed", "--data", str(shards), "--out", str(tmp_path / "emb2"), "--resolution", "16",
+            timeout=300)
+    assert r.returncode == 0 and "Started a local Ray instance" in r.stderr, r.stderr[-2000:]

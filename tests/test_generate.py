@@ -294,18 +294,10 @@ def test_cli_prints_one_summary_line(registry, tmp_path, capsys):
     assert line.endswith(" s]") and "[3 images in manifest, grid.png; " in line and "\n" not in line
 
 
-def test_a_few_prompts_run_in_process_unless_a_cluster_is_in_play(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray_gen.ray, "is_initialized", lambda: False)
-    assert ray_gen.in_process(None, None, 1) and ray_gen.in_process(None, None, ray_gen.LOCAL_MAX)
-    assert not ray_gen.in_process(None, None, ray_gen.LOCAL_MAX + 1)
-    assert not ray_gen.in_process(None, "ray://head:10001", 1)
-    assert ray_gen.in_process(True, "ray://head:10001", 10_000) and not ray_gen.in_process(False, None, 1)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert not ray_gen.in_process(None, None, 1)
-    monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.setattr(ray_gen.ray, "is_initialized", lambda: True)
-    assert not ray_gen.in_process(None, None, 1)
+def test_a_few_prompts_run_in_process_unless_a_cluster_is_in_play():
+    assert gen.runs_here(None, False, 1) and gen.runs_here(None, False, gen.LOCAL_MAX)
+    assert not gen.runs_here(None, False, gen.LOCAL_MAX + 1) and not gen.runs_here(None, True, 1)
+    assert gen.runs_here(True, True, 10_000) and not gen.runs_here(False, False, 1)
 
 
 def test_cli_local_and_ray_flags(registry, tmp_path, capsys):
@@ -345,3 +337,20 @@ def test_user_error_found_behind_ray_failures():
             "t2i.errors.T2IError: text encoder /x: no such model directory")
     assert str(cluster.user_error(Exception(text))) == "text encoder /x: no such model directory"
     assert cluster.user_error(Exception("segfault\nValueError: boom")) is None
+
+
+def test_tsv_prompts_with_per_prompt_images_carry_their_columns(registry, tmp_path):
+    prompts = tmp_path / "parti.tsv"
+    prompts.write_text("Prompt\tCategory\nA red circle\tAbstract\nA blue square\tShapes\n")
+    out = str(tmp_path / "out")
+    s = gen.generate("gan", str(prompts), out, registry=registry, per_prompt=3,
+                     make=gen.local_maker(4, device="cpu", threads=1))
+    assert (s["written"], s["images"], s["errors"]) == (6, 6, 0)
+    rows = {r["id"]: r for r in manifest(out)}
+    assert sorted(rows) == [f"00000{i}-{k}" for i in (1, 2) for k in range(3)]
+    assert rows["000002-1"]["extra"] == {"Category": "Shapes", "prompt_id": "000002", "sample": 1}
+    assert rows["000002-1"]["prompt"] == "A blue square"
+    pngs = images(out)
+    assert len(set(pngs.values())) == 6  # the id alone changes the noise
+    with pytest.raises(T2IError, match="--per-prompt must be >= 1"):
+        gen.generate("gan", str(prompts), str(tmp_path / "o2"), registry=registry, per_prompt=0)

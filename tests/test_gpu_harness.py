@@ -18,6 +18,7 @@ import gpu  # noqa: E402
     ("flow-debug", {}), ("flow-s", {}),
     ("flow-debug", {"conv_mlp": True, "long_skips": True, "conv_channels": 16}),
     ("flow-debug", {"conv_channels": 8, "conv_stem": True, "prediction": "x"}),
+    ("flow-debug", {"patch": 4, "patch_dim": 16}),
 ])
 def test_flow_flop_formula_matches_counter(preset, options):
     from torch.utils.flop_counter import FlopCounterMode

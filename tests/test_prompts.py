@@ -11,7 +11,7 @@ import pytest
 
 from t2i import storage
 from t2i.errors import T2IError
-from t2i.prompts import MAX_ID_CHARS, MAX_PROMPT_CHARS, id_problem, read_prompts
+from t2i.prompts import MAX_ID_CHARS, MAX_PROMPT_CHARS, PromptRow, expand, id_problem, read_prompts
 
 
 def reasons(pf) -> dict:
@@ -176,3 +176,34 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_prompts(str(tmp_path / "p.xlsx"))
     with pytest.raises(T2IError, match="not found"):
         read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_tsv_in_the_partiprompts_layout_keeps_its_other_columns(tmp_path):
+    p = tmp_path / "parti.tsv"
+    p.write_text("Prompt\tCategory\tChallenge\tNote\n"
+                 "A red circle\tAbstract\tBasic\t\n"
+                 "A cat, on a mat\tAnimals\tSimple Detail\tcommas stay, in a TSV\n"
+                 "too\tfew\n")
+    pf = read_prompts(str(p))
+    assert [r.prompt for r in pf.rows] == ["A red circle", "A cat, on a mat"]
+    assert pf.rows[1].extra == {"Category": "Animals", "Challenge": "Simple Detail", "Note": "commas stay, in a TSV"}
+    assert [(e.row, e.reason) for e in pf.errors] == [(3, "expected 4 fields, got 2")]
+
+
+def test_drawbench_csv_and_jsonl_extras(tmp_path):
+    c = tmp_path / "drawbench.csv"
+    c.write_text("Prompts,Category\nA blue square,Colors\n")
+    pf = read_prompts(str(c))
+    assert pf.rows[0].prompt == "A blue square" and pf.rows[0].extra == {"Category": "Colors"}
+    j = tmp_path / "p.jsonl"
+    j.write_text(json.dumps({"id": "a", "prompt": "x", "category": "c", "tags": ["t", 1]}) + "\n")
+    assert read_prompts(str(j)).rows[0].extra == {"category": "c", "tags": ["t", 1]}
+
+
+def test_per_prompt_expands_ids_and_refuses_ids_that_would_grow_too_long():
+    rows = [PromptRow("a", "x", 3, 1, {"k": "v"}), PromptRow("b" * 127, "y", 0, 2)]
+    out, errors = expand(rows, 3)
+    assert [r.id for r in out] == ["a-0", "a-1", "a-2"] and {r.seed for r in out} == {3}
+    assert out[2].extra == {"k": "v", "prompt_id": "a", "sample": 2}
+    assert [(e.row, e.reason.split(":")[0]) for e in errors] == [(2, "--per-prompt 3")]
+    assert expand(rows, 1) == (rows, [])

@@ -242,3 +242,39 @@ def test_local_run_feeds_tensorboard(tmp_path):
     assert sorted(scalars) == [r["step"] for r in records] == [2, 4]
     assert all(scalars[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-6) for r in records)
     assert images == [2, 4]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is an optional extra")
+def test_local_run_feeds_mlflow_once_per_run_directory(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    preset = get_preset("flow-debug")
+    tc = replace(preset.train, steps=4, batch_size=4, log_every=2, checkpoint_every=2)
+    data = tiny_data(8, preset.model.resolution, preset.model.text_dim)
+    prompts = EvalPrompts(["one"], data.tokens[:1], data.pooled[:1], per_prompt=2)
+    run_dir = tmp_path / "run"
+    for _ in range(2):  # the same run directory twice: one MLflow run, its id kept in trackers.json
+        train_local(preset.model, tc, data, str(run_dir), prompts=prompts, device="cpu", trackers=("mlflow",))
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1 and json.loads((run_dir / "trackers.json").read_text())["mlflow"] == runs[0].info.run_id
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {m.step: m.value for m in history} == pytest.approx({r["step"]: r["loss"] for r in records})
+    assert runs[0].data.params["train.steps"] == "4"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is an optional extra")
+def test_local_run_feeds_wandb_offline_once_per_run_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    preset = get_preset("flow-debug")
+    tc = replace(preset.train, steps=4, batch_size=4, log_every=2, checkpoint_every=2)
+    data = tiny_data(8, preset.model.resolution, preset.model.text_dim)
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        train_local(preset.model, tc, data, str(run_dir), device="cpu", trackers=("wandb",))
+    run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
+    offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 2  # both launches wrote to the one run id, offline (nothing left the machine)
+    assert all((d / f"run-{run_id}.wandb").stat().st_size > 0 for d in offline)

@@ -40,6 +40,9 @@ class FlowConfig:
     # patch embedding whose features skip straight to those output convs.
     conv_channels: int = 0
     conv_stem: bool = False
+    # Bottleneck patch embedding (JiT, Li & He 2025): a large patch (16 or 32 px: 768-3072 values) is
+    # projected to `patch_dim` first, then to the width; 0 = one projection straight to the width.
+    patch_dim: int = 0
     pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
     qk_norm: bool = True  # RMS-normalised queries/keys keep attention logits bounded at high LR
     # What the network's last layer predicts: "v" (the velocity itself) or "x" (the clean image,
@@ -219,7 +222,9 @@ class FlowDiT(nn.Module):
         if cfg.conv_stem:
             self.stem = nn.Sequential(nn.Conv2d(3, cfg.conv_channels, 3, padding=1), nn.SiLU(),
                                       nn.Conv2d(cfg.conv_channels, cfg.conv_channels, 3, padding=1))
-        self.patch_embed = nn.Conv2d(cfg.conv_channels if cfg.conv_stem else 3, W, kernel_size=p, stride=p)
+        embed = cfg.patch_dim or W
+        self.patch_embed = nn.Conv2d(cfg.conv_channels if cfg.conv_stem else 3, embed, kernel_size=p, stride=p)
+        self.patch_proj = nn.Linear(embed, W) if cfg.patch_dim else None
         n = cfg.grid * cfg.grid
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos", sincos_pos_embed(W, cfg.grid)[None], persistent=False)
@@ -276,7 +281,10 @@ class FlowDiT(nn.Module):
         B, _, H, Wd = x.shape
         ctx, ctx_mask, pooled = self.condition(tokens, mask, pooled, drop)
         stem = None if self.stem is None else self.stem(x)  # [B, C, H, W]
-        h = self.patch_embed(x if stem is None else stem).flatten(2).transpose(1, 2) + self.pos  # [B, N, W]
+        h = self.patch_embed(x if stem is None else stem).flatten(2).transpose(1, 2)  # [B, N, patch_dim or W]
+        if self.patch_proj is not None:
+            h = self.patch_proj(h)  # [B, N, W]
+        h = h + self.pos
         c = self.t_embed(timestep_embedding(t, cfg.width)) + self.pooled_embed(pooled)  # [B, W]
         stack = []
         for i, blk in enumerate(self.blocks):
