@@ -166,13 +166,12 @@ def run_bare(data: str, model_cfg: dict, train_cfg: dict, world: int, threads: i
 
 def run_ray(data: str, preset: str, out: str, workers: int, cpus: float, threads: int, gpus: float,
             steps: int, batch: int, log_every: int) -> dict:
-    from pipelines import train  # the Ray side of the comparison
+    from pipelines.train import train  # the Ray side of the comparison: the API users call
 
-    job = JobConfig(data=data, model=preset, out=out, workers=workers, cpus_per_worker=cpus,
-                          threads_per_worker=threads, gpus_per_worker=gpus, keep=1, max_failures=0,
-                          train={"steps": steps, "batch_size": batch, "checkpoint_every": 0, "log_every": log_every})
     t0 = time.time()
-    summary = train.fit_job(job, launched=t0)
+    summary = train(data, preset, out, launched=t0, workers=workers, cpus_per_worker=cpus, threads_per_worker=threads,
+                    gpus_per_worker=gpus, keep=1, max_failures=0, steps=steps, batch_size=batch, checkpoint_every=0,
+                    log_every=log_every)
     wall = time.time() - t0
     events = [json.loads(x) for x in storage.read_text(os.path.join(out, "events.jsonl")).splitlines()]
     records = [json.loads(x) for x in storage.read_text(os.path.join(out, "metrics.jsonl")).splitlines()]
@@ -251,7 +250,8 @@ def write_markdown(res: dict) -> None:
         f"{res['batch_size']}, {res['steps']} steps ({res['warmup']} warm-up steps left out), {res['device']}. "
         "Both sides run the same training loop (`t2i.train.loop.fit`), DDP wrapping and batch collation; "
         "t2i train streams its shard through Ray Data (`iter_torch_batches`, local shuffle buffer), the "
-        f"bare loop reads an in-memory shard. {res['rounds']} round(s); samples/s are each side's best round, the ratio is "
+        f"bare loop reads an in-memory shard. {res['rounds']} round(s); samples/s are each side's best round, "
+        "the ratio is "
         "the median of the per-round ratios (listed). 1-minute load average "
         f"{res['load_avg'][0]:.1f} at the start, {res['load_avg'][1]:.1f} at the end. Single rounds vary by "
         "about 10% on this machine, so compare ratios, not absolute rates. Each run starts once the machine "

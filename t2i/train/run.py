@@ -22,12 +22,12 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from t2i import checkpoint as ck
 from t2i import storage
 from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, parse_sets, replace, to_dict
-from t2i.data.embedded import read_part
 from t2i.errors import ConfigError, T2IError
 from t2i.families import family
 from t2i.presets import get_preset
@@ -204,7 +204,9 @@ def dataset_prompts(job: JobConfig, manifest: dict) -> EvalPrompts:
         spec = from_dict(EncoderSpec, manifest["encoder"], where="manifest encoder")
         enc = TextEncoder(spec).encode(list(job.eval_prompts))
         return EvalPrompts(list(job.eval_prompts), list(enc.tokens), np.asarray(enc.pooled), per_prompt=1)
-    table = read_part(job.data, manifest["parts"][0], columns=["key", "caption", "text_tokens", "text_pooled"])
+    # Four columns of the first part, not the whole file (the held dataset reads every part anyway).
+    fs, path = storage.pyarrow_fs(storage.url_join(job.data, manifest["parts"][0]["name"]))
+    table = pq.read_table(path, filesystem=fs, columns=["key", "caption", "text_tokens", "text_pooled"])
     table = table.sort_by("key")
     seen: dict[str, int] = {}
     for i, c in enumerate(table.column("caption").to_pylist()):
