@@ -1,30 +1,29 @@
-"""Per-rank shards of a dataset held in Ray's object store, dealt afresh every epoch, no coordinator.
+"""Per-rank shards of an embedded dataset, dealt afresh every epoch, no coordinator.
 
-Ray Train's default `DataConfig` splits a dataset with `streaming_split`: a coordinator actor runs
-the dataset once per epoch and hands each rank its next block over a remote call. For a dataset
-that already sits in the object store that is overhead (an actor waking up beside the workers and
-a round trip per block): each rank can work out its own blocks from the list of block refs, a seed
-and the epoch number, as PyTorch's `DistributedSampler` does with indices. `EpochShards` does that:
+Ray Train's default `DataConfig` splits a dataset with `streaming_split`: a coordinator actor hands
+each rank its next block over a remote call, so which rows a rank trains depends on timing and a
+resumed run cannot tell which rows of its epoch are left. Here each rank works out its own rows
+from a seed, the epoch and the unit sizes (`t2i.data.position.deal`), as PyTorch's
+`DistributedSampler` does with indices, so an epoch replays exactly and a resume can deal out just
+the rows its checkpoint has not trained, over any number of ranks:
 
-- every epoch, all ranks compute the same seeded permutation of the blocks, lay them end to end
-  and cut the row sequence into `world` equal contiguous ranges (slicing at most two blocks per
-  rank), so the ranks' shards are disjoint, equal in rows and differ from epoch to epoch; at most
-  `world - 1` rows sit out an epoch, a different few each time;
-- a rank's shard is a `DataIterator`, so `iter_torch_batches` (prefetch, local shuffle buffer,
-  collate) works as usual; blocks are fetched straight from the object store;
-- `set_epoch(e)` says which epoch the next iteration is (a resumed run picks up its epoch);
-  without it each iteration is the next epoch. An epoch's cut depends only on (seed, epoch, block
-  sizes, world), so it replays exactly.
+- `RankBlocks`: a dataset held in the object store (blocks are the units; `EpochShards` hands them
+  to Ray Train's workers);
+- `RankParts`: a dataset too big for that; the units are its parquet parts, which each rank reads
+  itself (sha256-checked against the manifest, a few parts ahead on threads).
 
-Streamed datasets (too big for the object store) keep Ray's `streaming_split`. The iterator
-implements `DataIterator`'s one abstract hook, `_to_ref_bundle_iterator`, which is private to Ray
-Data: this module follows the pinned Ray minor version (tests/test_rank_blocks.py checks it).
+Both are `DataIterator`s, so `iter_torch_batches` (prefetch, local shuffle buffer, collate) works
+as usual. `set_epoch(e, exclude)` says which epoch the next iteration is and which sample seeds it
+leaves out. The class implements `DataIterator`'s one abstract hook, `_to_ref_bundle_iterator`,
+which is private to Ray Data: this module follows the pinned Ray minor version
+(tests/test_rank_blocks.py checks it).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 
@@ -33,66 +32,48 @@ from ray.data._internal.execution.interfaces.ref_bundle import BlockEntry, RefBu
 from ray.data.block import BlockAccessor
 from ray.data.iterator import DataIterator
 
-
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed % 2**32, epoch]).permutation(n)
-
-
-def rank_ranges(sizes: list[int], seed: int, epoch: int, world: int) -> list[list[tuple[int, int, int]]]:
-    """For each rank, its (block index, start row, end row) pieces in this epoch.
-
-    Blocks are laid end to end in the epoch's order and the rows cut into `world` equal ranges.
-    """
-    order = _epoch_order(seed, epoch, len(sizes))
-    per_rank = sum(sizes) // world
-    out: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
-    rank, need = 0, per_rank
-    for b in order:
-        start, size = 0, sizes[b]
-        while start < size and rank < world:
-            take = min(need, size - start)
-            if take:
-                out[rank].append((int(b), start, start + take))
-            start, need = start + take, need - take
-            if need == 0:
-                rank, need = rank + 1, per_rank
-        if rank == world:
-            break
-    return out
+from t2i.data.embedded import SCHEMA, part_keys, read_parts_ahead, take_rows
+from t2i.data.position import deal, kept_rows
 
 
-class RankBlocks(DataIterator):
-    """One rank's shard of an in-object-store dataset; see the module docstring."""
+def _entry(table: pa.Table) -> BlockEntry:
+    return BlockEntry(ref=ray.put(table), metadata=BlockAccessor.for_block(table).get_metadata())
 
-    def __init__(self, entries: list, schema: Any, rank: int, world: int, seed: int, context: Any):
-        self._entries, self._schema, self._context = entries, schema, context
+
+class _RankShard(DataIterator):
+    """One rank's rows of each epoch; subclasses say how a unit's table and keys are read."""
+
+    unit_name = "units"
+
+    def __init__(self, sizes: list[int], schema: Any, rank: int, world: int, seed: int, context: Any):
+        self.sizes, self._schema, self._context = [int(s) for s in sizes], schema, context
         self.rank, self.world, self.seed = rank, world, seed
-        self.sizes = [int(e.metadata.num_rows) for e in entries]
-        self.epoch = 0
+        self.epoch, self._exclude = 0, None
 
     def __repr__(self) -> str:
-        return f"RankBlocks(rank {self.rank} of {self.world}, {len(self.sizes)} blocks, epoch {self.epoch})"
+        return (f"{type(self).__name__}(rank {self.rank} of {self.world}, {len(self.sizes)} {self.unit_name}, "
+                f"epoch {self.epoch})")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, exclude: np.ndarray | None = None) -> None:
+        """The next iteration is epoch `epoch`, without the rows whose sample seeds are in `exclude`."""
+        self.epoch, self._exclude = int(epoch), exclude
 
-    def pieces(self, epoch: int) -> list[tuple[int, int, int]]:
-        return rank_ranges(self.sizes, self.seed, epoch, self.world)[self.rank]
+    def pieces(self, epoch: int, exclude: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+        kept = None if exclude is None else [kept_rows(self.keys(u), self.seed, exclude)
+                                             for u in range(len(self.sizes))]
+        return deal(self.sizes, self.seed, epoch, self.world, kept)[self.rank]
+
+    def keys(self, unit: int) -> list[str]:
+        raise NotImplementedError
+
+    def bundles(self, pieces: list[tuple[int, np.ndarray]]) -> Iterator[BlockEntry]:
+        raise NotImplementedError
 
     def _to_ref_bundle_iterator(self):
-        pieces, self.epoch = self.pieces(self.epoch), self.epoch + 1
-
-        def bundles():
-            for b, start, end in pieces:
-                entry = self._entries[b]
-                if (start, end) != (0, self.sizes[b]):
-                    # Ray Data's batcher reads whole blocks (it ignores RefBundle slices), so the at
-                    # most two cut blocks of a rank are cut here: one small local copy per epoch.
-                    part = ray.get(entry.ref).slice(start, end - start)
-                    entry = BlockEntry(ref=ray.put(part), metadata=BlockAccessor.for_block(part).get_metadata())
-                yield RefBundle((entry,), schema=self._schema, owns_blocks=False)
-
-        return bundles(), None, None
+        pieces = self.pieces(self.epoch, self._exclude)
+        self.epoch, self._exclude = self.epoch + 1, None
+        out = (RefBundle((e,), schema=self._schema, owns_blocks=False) for e in self.bundles(pieces))
+        return out, None, None
 
     def stats(self) -> str:
         return repr(self)
@@ -104,7 +85,46 @@ class RankBlocks(DataIterator):
         return self._context
 
     def _get_dataset_tag(self) -> dict:
-        return {"dataset": "t2i-epoch-shards", "split_index": str(self.rank)}
+        return {"dataset": f"t2i-{self.unit_name}", "split_index": str(self.rank)}
+
+
+class RankBlocks(_RankShard):
+    """One rank's shard of a dataset held in the object store; see the module docstring."""
+
+    unit_name = "blocks"
+
+    def __init__(self, entries: list, schema: Any, rank: int, world: int, seed: int, context: Any):
+        super().__init__([int(e.metadata.num_rows) for e in entries], schema, rank, world, seed, context)
+        self._entries = entries
+
+    def keys(self, unit: int) -> list[str]:
+        # Only on the first epoch after a resume; the blocks are on this node or one fetch away.
+        return ray.get(self._entries[unit].ref).column("key").to_pylist()
+
+    def bundles(self, pieces):
+        for b, idx in pieces:
+            if len(idx) == self.sizes[b]:
+                yield self._entries[b]
+            else:
+                # Ray Data's batcher reads whole blocks (it ignores RefBundle slices), so the at
+                # most two cut blocks of a rank (more after a resume) are cut here.
+                yield _entry(take_rows(ray.get(self._entries[b].ref), idx))
+
+
+class RankParts(_RankShard):
+    """One rank's shard of a streamed dataset: it reads its own parts, `ahead` at a time."""
+
+    unit_name = "parts"
+
+    def __init__(self, data_url: str, parts: list[dict], rank: int, world: int, seed: int, ahead: int = 2):
+        super().__init__([p["rows"] for p in parts], SCHEMA, rank, world, seed, ray.data.DataContext.get_current())
+        self.data_url, self.parts, self.ahead = data_url, parts, max(1, ahead)
+
+    def keys(self, unit: int) -> list[str]:
+        return part_keys(self.data_url, self.parts[unit])
+
+    def bundles(self, pieces):
+        return map(_entry, read_parts_ahead(self.data_url, [(self.parts[b], idx) for b, idx in pieces], self.ahead))
 
 
 class EpochShards(ray.train.DataConfig):

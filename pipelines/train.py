@@ -30,20 +30,21 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from pipelines.cluster import connect, forwarded_env, quiet_train_reports, user_error
-from pipelines.rank_blocks import EpochShards
+from pipelines.rank_blocks import EpochShards, RankParts
 from t2i import storage
 from t2i.checkpoint import prune
 from t2i.config import TrainConfig, from_dict, to_dict
 from t2i.data.batching import rows_to_batch
-from t2i.data.embedded import decode_rows, part_urls, read_manifest, read_part
+from t2i.data.embedded import decode_rows, read_manifest, read_part
 from t2i.errors import T2IError
 from t2i.families import config_from_dict, make_state
 from t2i.runtime import seed_from, setup_runtime
 from t2i.train.distributed import gather, param_digest, wrap_ddp
 from t2i.train.loop import Hooks, Meter, fit
-from t2i.train.run import (
+from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
     JobConfig,
     Run,
+    add_arguments,
     dataset_prompts,
     make_job,
     register_result,
@@ -58,34 +59,6 @@ from t2i.train.runlog import Progress
 log = logging.getLogger("t2i.train")
 
 COLUMNS = ("key", "caption", "image", "text_tokens", "text_len", "text_pooled")  # not `source`
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="embedded dataset URL (the output of `t2i embed`)")
-    p.add_argument("--model", help="model preset, e.g. flow-s, gan-s, flow-debug")
-    p.add_argument("--out", help="run directory URL (local or s3://); the same --out resumes")
-    p.add_argument("--config", help="job file (YAML or JSON) with any of the keys of these options; options win")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU training)")
-    p.add_argument("--cpus-per-worker", type=float,
-                   help="CPUs reserved per worker; fractions are fine "
-                        "(default: a share that leaves room for data tasks)")
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: 2 x the CPU reservation)")
-    p.add_argument("--steps", type=int, help="train until this global step (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="global batch size, split evenly over the workers")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K steps (0 = only at the end)")
-    p.add_argument("--log-every", type=int, help="one log line per N steps (default: the preset's)")
-    p.add_argument("--keep", type=int, help="checkpoints to keep (default 3)")
-    p.add_argument("--max-failures", type=int, help="worker-group restarts allowed (default 2)")
-    p.add_argument("--init-from", metavar="REF", help="start from a registered model (NAME, NAME:V, NAME@ALIAS) or a "
-                   "run's checkpoint URL, with fresh optimizers (fine-tuning)")
-    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", dest="sets",
-                   help="override a model. or train. config key, e.g. train.lr_schedule=cosine (repeatable)")
-    p.add_argument("--tracker", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard "
-                   "(RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db), wandb (offline by default)")
-    p.add_argument("--register", help="register the final EMA weights under this name")
-    p.add_argument("--registry", help="registry URL (default: $T2I_REGISTRY or ~/.t2i/registry)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
 def train(data: str | None = None, model: str | None = None, out: str | None = None, *, config: str | None = None,
@@ -103,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in (
         "workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "steps", "batch_size",
         "checkpoint_every", "log_every", "keep", "max_failures", "register", "registry", "address", "init_from",
-        "sets", "tracker")}
+        "sets", "tracker", "data_mode", "key_log")}
     print(summary_lines(train(args.data, args.model, args.out, config=args.config, launched=time.time(), **options)))
     return 0
 
@@ -152,7 +125,7 @@ def train_func(cfg: dict) -> dict:
     state = make_state(config_from_dict(cfg["model"]), from_dict(TrainConfig, cfg["train"]), runtime)
     w = Run(cfg["run_url"], state, rank=ctx.get_world_rank(), world=ctx.get_world_size(), encoder=cfg["encoder"],
             data_url=cfg["data_url"], dataset_digest=cfg["dataset_digest"], prompts=cfg["eval"], launch=cfg["launch"],
-            trackers=cfg["trackers"], config=cfg["config"])
+            trackers=cfg["trackers"], config=cfg["config"], key_log=cfg["key_log"])
     url, tracked = w.decide_resume(tracked_step())
     if url is None and cfg["parent"]:
         w.init_weights(cfg["parent"])
@@ -165,12 +138,17 @@ def train_func(cfg: dict) -> dict:
     ready = time.time()
     tc = state.train_cfg
     per_worker = tc.batch_size // w.world
-    shard = ray.train.get_dataset_shard("train")
+    shard = (RankParts(cfg["data_url"], cfg["parts"], w.rank, w.world, tc.seed) if cfg["parts"]
+             else ray.train.get_dataset_shard("train"))
     collate = Collate(cfg["resolution"], cfg["dim"], tc.seed, runtime.device.type == "cuda")
     meter, first = Meter(), [True]
 
+    def trained(batches):  # every batch handed to `fit` is trained as the next step
+        for batch in batches:
+            w.pos.record(state.step + 1, batch["seed"])
+            yield batch
+
     def on_step(_state, wait: float) -> None:
-        w.epoch_step += 1
         if first[0]:
             first[0] = False
             # Where the fixed cost goes: the driver (manifest, Ray, the dataset into the object
@@ -184,18 +162,17 @@ def train_func(cfg: dict) -> dict:
 
     hooks = Hooks(log=w.log, checkpoint=on_checkpoint, step=on_step)
     while state.step < tc.steps:
-        if hasattr(shard, "set_epoch"):  # held blocks are dealt by epoch: a resume keeps the order
-            shard.set_epoch(w.epoch)
+        shard.set_epoch(w.pos.epoch, w.pos.exclude())  # a resumed epoch leaves out what it trained
         batches = shard.iter_torch_batches(
             batch_size=per_worker, drop_last=True, collate_fn=collate, prefetch_batches=cfg["prefetch_batches"],
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or 8 * per_worker,
             local_shuffle_seed=seed_from(tc.seed, w.epoch) % 2**32)
         before = state.step
-        if fit(state, batches, hooks, meter) == "exhausted":
-            if state.step == before:
+        if fit(state, trained(batches), hooks, meter) == "exhausted":
+            if state.step == before and not w.pos.resumed:  # (a resumed epoch may have nothing left)
                 raise T2IError(f"{storage.describe(cfg['data_url'])}: a worker's shard holds no full batch of "
                                f"{per_worker} samples")
-            w.epoch, w.epoch_step = w.epoch + 1, 0
+            w.pos.next_epoch()
     if w.last_ckpt != state.step:
         on_checkpoint(state)
     final = storage.url_join(cfg["run_url"], "checkpoints", f"step_{state.step:06d}")
@@ -211,28 +188,26 @@ def train_func(cfg: dict) -> dict:
 # ----------------------------------------------------------------------------- the driver
 
 
-def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> tuple[Any, bool]:
-    """(the embedded dataset as a Ray Dataset, whether it is held in the object store).
+def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> Any:
+    """The embedded dataset held in Ray's object store, or None: each rank streams its own parts.
 
-    Every epoch of a streamed dataset starts its read tasks again (seconds of stall per epoch on a
-    busy machine); a dataset held in the object store is read once (here, with each part's sha256
-    checked) and each epoch only walks its blocks. Either way a worker's shard is not the same rows
-    each epoch: held blocks are dealt out afresh per epoch by `EpochShards` (pipelines/rank_blocks.py,
-    no coordinator actor), streamed files are reshuffled per epoch before Ray's `streaming_split`;
-    the local shuffle buffer of each worker mixes within its shard.
+    A held dataset is read once (here, each part's sha256 checked) and each epoch only walks its
+    blocks; a streamed one is read again every epoch, by the ranks themselves (checked the same
+    way). Either way each epoch deals every rank other rows (pipelines/rank_blocks.py) and the
+    local shuffle buffer of each worker mixes within its shard. `data_mode` auto holds a dataset
+    that fits in a quarter of the object store.
     """
     res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
     rows = int(manifest["counts"]["kept"])
     size = rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * int(manifest["text"]["real_tokens"])
-    if size <= float(ray.cluster_resources().get("object_store_memory", 0)) * 0.25:
-        log.info("train: holding the dataset in the object store (%.1f MB)", size / 2**20)
-        block = max(16, train_cfg.batch_size // job.workers)
-        tables = [read_part(job.data, p, columns=list(COLUMNS)) for p in manifest["parts"]]
-        return ray.data.from_arrow([t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]), True
-    fs, _ = storage.pyarrow_fs(job.data)
-    paths = [storage.split(u)[1] for u in part_urls(job.data, manifest)]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(COLUMNS), shuffle=ray.data.FileShuffleConfig(
-        seed=train_cfg.seed % 2**32, reseed_after_execution=True)), False
+    fits = size <= float(ray.cluster_resources().get("object_store_memory", 0)) * 0.25
+    if job.data_mode == "streamed" or (job.data_mode == "auto" and not fits):
+        log.info("train: streaming the dataset (%.1f MB), each worker reads its own parts", size / 2**20)
+        return None
+    log.info("train: holding the dataset in the object store (%.1f MB)", size / 2**20)
+    block = max(16, train_cfg.batch_size // job.workers)
+    tables = [read_part(job.data, p, columns=list(COLUMNS)) for p in manifest["parts"]]
+    return ray.data.from_arrow([t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)])
 
 
 def ray_storage(run_url: str) -> tuple[str, str, Any]:
@@ -252,7 +227,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
     connect(job.address, log_to_driver=True)
     cpus, threads = worker_resources(job, float(ray.cluster_resources().get("CPU", 1.0)))
     use_gpu = job.gpus_per_worker > 0
-    data, held = dataset(job, manifest, train_cfg)
+    data = dataset(job, manifest, train_cfg)
     cfg = {
         "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
         "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
@@ -260,7 +235,8 @@ def fit_job(job: JobConfig, launched: float) -> dict:
         "threads": threads, "precision": job.precision, "shuffle_buffer": job.shuffle_buffer,
         "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
         "launched": launched, "fit_called": time.time(), "parent": parent,
-        "trackers": job.tracker, "config": run_config,
+        "trackers": job.tracker, "config": run_config, "key_log": job.key_log,
+        "parts": None if data is not None else manifest["parts"],
     }
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",
              job.model, storage.describe(job.data), storage.describe(job.out), job.workers, cpus,
@@ -274,7 +250,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": forwarded_env()}),
-        datasets={"train": data}, dataset_config=EpochShards(train_cfg.seed) if held else ray.train.DataConfig())
+        datasets={"train": data} if data is not None else None, dataset_config=EpochShards(train_cfg.seed))
     progress = Progress(job.out, train_cfg.steps)
     progress.start()
     try:

@@ -8,6 +8,8 @@ Layout of `{run}/checkpoints/step_000123/`:
                          step counters, hyper-parameters) as JSON in the safetensors header
   config.json            resolved model config, train config and text encoder spec
   meta.json              step, samples seen, data position, metrics (+ caller extras)
+  position.safetensors   the sample seeds trained so far in the current epoch (t2i.data.position),
+                         so that a resume continues the epoch exactly; absent in older checkpoints
   digests.json           sha256 and size of every file above; written last, so a directory without
                          it is an unfinished save and is never loaded or resumed from
 
@@ -24,6 +26,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -38,6 +41,7 @@ FORMAT = 1
 MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
     "model.safetensors", "ema.safetensors", "optimizer.safetensors", "config.json", "meta.json", "digests.json",
 )
+POSITION = "position.safetensors"  # optional
 FILES = (MODEL, EMA, OPTIMIZER, CONFIG, META)
 WEIGHT_FILES = (EMA, CONFIG, META)  # what inference needs (and what the registry keeps)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -139,13 +143,15 @@ def _cfg_dict(cfg: Any) -> dict | None:
     return to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
 
-def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: dict | None = None) -> dict:
+def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: dict | None = None,
+                    seen: np.ndarray | None = None) -> dict:
     """Write `state` (a t2i.train.state.TrainState) as a checkpoint directory at `url`.
 
     `encoder_spec`: the EncoderSpec (or its dict) of the text features the model was trained on.
     `meta_extra`: JSON data merged into meta.json; the trainer passes e.g. `data_position`,
     `metrics`, `run_url`, `dataset_url`, `dataset_digest` (the registry copies the last four into
-    the model card). Returns the digests written. Call on one rank only.
+    the model card). `seen`: the epoch's trained sample seeds (int64). Returns the digests
+    written. Call on one rank only.
     """
     extra = dict(meta_extra or {})
     clash = sorted(_RESERVED_META & set(extra))
@@ -171,6 +177,9 @@ def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: di
             **extra,
         }),
     }
+    if seen is not None:
+        files[POSITION] = _to_safetensors({"seen": torch.from_numpy(np.asarray(seen, np.int64))},
+                                          {"format": str(FORMAT)})
     digests_url = storage.url_join(url, DIGESTS)
     # Overwriting a checkpoint: mark it unfinished first, so a crash midway cannot leave old digests
     # vouching for a mix of old and new files (they would fail verification, but also block resume).
@@ -324,6 +333,15 @@ def build_network(model_cfg_dict: dict, ema_tensors: dict[str, torch.Tensor], wh
                        f"({str(e).splitlines()[0]})") from None
     net.eval().requires_grad_(False)
     return cfg, net
+
+
+def read_seen(url: str) -> np.ndarray | None:
+    """The epoch's trained sample seeds a checkpoint recorded (verified), or None (none recorded)."""
+    digests = read_digests(url)
+    if POSITION not in digests:
+        return None
+    data = read_verified(url, POSITION, digests[POSITION])
+    return from_safetensors(data, f"{storage.describe(url)}/{POSITION}")["seen"].numpy()
 
 
 def load_weights(url: str, map_location: str | torch.device = "cpu"):

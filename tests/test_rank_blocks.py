@@ -8,11 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.rank_blocks import rank_ranges
+from t2i.data.position import DataPosition, deal, kept_rows, seeds_by_key
 
 
 def _rows(pieces, starts):
-    return [starts[b] + i for b, lo, hi in pieces for i in range(lo, hi)]
+    return [starts[b] + int(i) for b, idx in pieces for i in idx]
+
+
+def rank_ranges(sizes, seed, epoch, world):
+    return [[(b, int(idx[0]), int(idx[-1]) + 1) for b, idx in p] for p in deal(sizes, seed, epoch, world)]
 
 
 @pytest.mark.parametrize("sizes,world", [([32] * 10, 2), ([32] * 9 + [7], 2), ([16] * 5 + [3, 30], 3), ([5], 4)])
@@ -21,13 +25,13 @@ def test_rank_ranges_are_disjoint_equal_and_recut_every_epoch(sizes, world):
     total = sum(sizes)
     cuts = {}
     for epoch in range(4):
-        ranks = [_rows(p, starts) for p in rank_ranges(sizes, seed=7, epoch=epoch, world=world)]
+        ranks = [_rows(p, starts) for p in deal(sizes, seed=7, epoch=epoch, world=world)]
         assert len(ranks) == world
         assert {len(r) for r in ranks} == {total // world}  # equal, so no rank runs out of batches first
         seen = list(itertools.chain(*ranks))
         assert len(seen) == len(set(seen)) and total - len(seen) < world  # disjoint; at most world-1 sit out
-        for p in rank_ranges(sizes, seed=7, epoch=epoch, world=world):
-            assert all(0 <= lo < hi <= sizes[b] for b, lo, hi in p)
+        for p in deal(sizes, seed=7, epoch=epoch, world=world):
+            assert all(0 <= idx[0] and idx[-1] < sizes[b] and (np.diff(idx) == 1).all() for b, idx in p)
         cuts[epoch] = ranks
     assert rank_ranges(sizes, seed=7, epoch=2, world=world) == rank_ranges(sizes, seed=7, epoch=2, world=world)
     if len(sizes) > 2:
@@ -66,3 +70,32 @@ def test_rank_blocks_iterate_in_ray_workers(ray_cluster):
     assert set(got[(0, 0)]) != set(got[(0, 1)])
     assert ray.get(consume.remote(shards[1]["train"], 1)) == got[(1, 1)]  # an epoch replays exactly
     assert type(shards[0]["val"]).__name__ == "StreamSplitDataIterator"  # other datasets keep Ray's split
+
+
+@pytest.mark.parametrize("world_a,world_b,k", [(2, 2, 3), (4, 2, 1), (2, 1, 5), (1, 3, 2), (2, 2, 0), (2, 4, 6)])
+def test_a_resumed_epoch_deals_exactly_the_rows_not_yet_trained(world_a, world_b, k):
+    """Train k steps of an epoch on world_a ranks (each step takes any rows of a rank's shard, as the
+    local shuffle buffer does), checkpoint, resume on world_b: the epoch trains every row once."""
+    batch, seed = 12, 5
+    sizes = [16] * 6 + [8, 16]  # 120 rows = 10 global batches
+    keys = [f"k{i:04d}" for i in range(sum(sizes))]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    seeds = {key: s for s, key in seeds_by_key(keys, seed).items()}
+    rng = np.random.default_rng(0)
+    pos = [DataPosition() for _ in range(world_a)]
+    shards = [_rows(p, starts) for p in deal(sizes, seed, 0, world_a)]
+    for step in range(1, k + 1):
+        for r in range(world_a):
+            take = rng.choice(shards[r], batch // world_a, replace=False)
+            shards[r] = [i for i in shards[r] if i not in set(take)]
+            pos[r].record(step, [seeds[keys[i]] for i in take])
+    pos[0].merge([p.pending for p in pos])
+    assert len(pos[0].seen) == k * batch and pos[0].meta() == {"epoch": 0, "epoch_step": k, "seen": k * batch}
+
+    kept = [kept_rows(keys[s:s + n], seed, pos[0].seen) for s, n in zip(starts, sizes)]
+    rest = [_rows(p, starts) for p in deal(sizes, seed, 0, world_b, kept)]
+    per_worker = batch // world_b
+    assert {len(r) for r in rest} == {(sum(sizes) - k * batch) // world_b}
+    trained = {keys[i] for r in rest for i in r[:len(r) // per_worker * per_worker]}
+    before = {key for key in keys if seeds[key] in set(pos[0].seen.tolist())}
+    assert not trained & before and trained | before == set(keys)  # none twice, none skipped

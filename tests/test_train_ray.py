@@ -4,6 +4,7 @@ around it (job resolution, batches, run files, state fingerprints) without a clu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -308,6 +309,60 @@ def _wait_for(pred, timeout: float, what: str, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@contextlib.contextmanager
+def worker_killed_past(run: str, step: int, rank: int):
+    """While the body runs, SIGKILL worker `rank` of the run's second start once its metrics pass
+    `step`; yields the list that gets the step it was killed at."""
+    events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
+    killed: list = []
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set():
+            starts = [e for e in _lines(events_url) if e["event"] == "start"]
+            steps = [r["step"] for r in _lines(metrics_url)]
+            if len(starts) == 2 and steps and max(steps) >= step and max(steps) > starts[1]["step"]:
+                os.kill(starts[1]["pids"][rank], signal.SIGKILL)
+                killed.append(max(steps))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join(5)
+
+
+def assert_exact_epochs(run: str, keys: list[str], steps: int, world: list[int], batch: int) -> None:
+    """From the run's key log: steps 1..`steps` each logged once per rank (`world`: the rank counts
+    the run had), every full epoch trained exactly `keys`, the last (partial) one no key twice."""
+    from collections import Counter
+
+    from t2i.data.position import read_key_log, seeds_by_key
+
+    seed = json.loads(storage.read_bytes(storage.url_join(run, "config.json")))["train"]["seed"]
+    by_seed = seeds_by_key(keys, seed)
+    records = read_key_log(run)
+    per_step = Counter(r["step"] for r in records)
+    assert sorted(per_step) == list(range(1, steps + 1)), sorted(set(range(1, steps + 1)) ^ set(per_step))
+    assert set(per_step.values()) <= set(world)
+    per_epoch: dict[int, Counter] = {}
+    for r in records:
+        assert len(r["seeds"]) * per_step[r["step"]] == batch
+        per_epoch.setdefault(r["epoch"], Counter()).update(by_seed[s] for s in r["seeds"])
+    full = len(keys) // batch
+    assert sorted(per_epoch) == list(range(-(-steps // full)))
+    for epoch, counts in per_epoch.items():
+        assert max(counts.values()) == 1, (epoch, counts.most_common(3))  # nothing twice
+        if (epoch + 1) * full <= steps:
+            assert set(counts) == set(keys), (epoch, len(counts))  # nothing skipped
+        else:
+            assert sum(counts.values()) == (steps - epoch * full) * batch
+
+
 def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encoders, tmp_path):
     """Bars 1-3 in two launches (Ray Train start-up is tens of seconds per fit here):
 
@@ -330,7 +385,7 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     manifest = make_embedded(data, tiny_encoders["encoder"])
     argv = ["train", "--data", data, "--model", "flow-debug", "--out", run, "--workers", "2", "--steps", "60",
             "--batch-size", "16", "--checkpoint-every", "10", "--log-every", "2", "--keep", "2",
-            "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard"]
+            "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard", "--key-log"]
     events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
 
     # Launch A: its own driver process on this cluster, killed after the first checkpoint.
@@ -348,26 +403,8 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "launch A's workers to be gone")
 
     # Launch B: the same command; a worker is SIGKILLed from outside once it passes step ~30.
-    killed: list = []
-    done = threading.Event()
-
-    def killer():
-        while not done.is_set():
-            starts = [e for e in _lines(events_url) if e["event"] == "start"]
-            steps = [r["step"] for r in _lines(metrics_url)]
-            if len(starts) == 2 and steps and max(steps) >= 28 and max(steps) > starts[1]["step"]:
-                os.kill(starts[1]["pids"][1], signal.SIGKILL)
-                killed.append(max(steps))
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
+    with worker_killed_past(run, 28, rank=1) as killed:
         assert main(argv) == 0
-    finally:
-        done.set()
-        thread.join(5)
     assert killed and 28 <= killed[0] <= 45, killed
 
     events = _lines(events_url)
@@ -427,6 +464,9 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
         assert all(tb[step][k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in want.items()), step
     assert 60 in image_steps and len(image_steps) == len(set(image_steps))
 
+    # Across the driver kill and the worker kill, every epoch trained each sample exactly once.
+    assert_exact_epochs(run, [f"s{i:05d}" for i in range(256)], steps=60, world=[2], batch=16)
+
     reg = Registry(reg_url)
     assert reg.versions("shapes-flow") == [1]
     model_cfg, net, card = reg.load("shapes-flow")
@@ -472,3 +512,26 @@ def test_fine_tune_from_a_registered_model_starts_at_its_loss(ray_cluster, tiny_
                    encoder=to_dict(enc_t5.spec), data="mem-c")
     with pytest.raises(ConfigError, match="embed the data with the parent's encoder"):
         train(other, "flow-debug", str(tmp_path / "run-c"), steps=2, init_from="base", **opts)
+
+
+def test_streamed_resume_on_fewer_workers_trains_each_sample_once(ray_cluster, s3, tiny_encoders, tmp_path):
+    """A streamed dataset (each rank reads its own parts): 2 workers stop mid-epoch at step 10, the
+    run is relaunched on 1 worker, which is SIGKILLed past step 24 and restarts from its checkpoint;
+    the key log shows every epoch trained each sample exactly once."""
+    from pipelines.train import train
+
+    data, run = f"{s3}/streamed", f"{s3}/runs/streamed"
+    make_embedded(data, tiny_encoders["encoder"], num=128, parts=3)
+    opts = dict(batch_size=16, checkpoint_every=5, log_every=1, data_mode="streamed", key_log=True)
+    first = train(data, "flow-debug", run, workers=2, steps=10, **opts)
+    assert first["step"] == 10
+    seen = json.loads(storage.read_bytes(storage.url_join(run, "checkpoints", "step_000010", "meta.json")))
+    assert seen["data_position"] == {"epoch": 1, "epoch_step": 2, "seen": 32}  # 8 steps per epoch
+
+    with worker_killed_past(run, 24, rank=0) as killed:
+        second = train(data, "flow-debug", run, workers=1, steps=36, max_failures=1, **opts)
+    events_url = storage.url_join(run, "events.jsonl")
+    assert killed and second["step"] == 36 and second["attempt"] == 2
+    starts = [e for e in _lines(events_url) if e["event"] == "start"]
+    assert [e["world"] for e in starts] == [2, 1, 1] and starts[1]["step"] == 10 and starts[2]["step"] >= 20
+    assert_exact_epochs(run, [f"s{i:05d}" for i in range(128)], steps=36, world=[1, 2], batch=16)

@@ -32,7 +32,8 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -285,6 +286,34 @@ def read_part(url: str, entry: Mapping, verify: bool = True, columns: list[str] 
     if table.num_rows != entry["rows"]:
         raise IntegrityError(f"{storage.describe(purl)}: {table.num_rows} rows, the manifest says {entry['rows']}")
     return table
+
+
+def part_keys(url: str, entry: Mapping) -> list[str]:
+    """A part's sample keys, in row order (a ranged read of the key column only; not verified)."""
+    fs, path = storage.pyarrow_fs(storage.url_join(url, entry["name"]))
+    return pq.read_table(path, columns=["key"], filesystem=fs).column("key").to_pylist()
+
+
+def take_rows(table: pa.Table, idx: np.ndarray) -> pa.Table:
+    """Rows `idx` of `table`: a zero-copy slice when they are consecutive."""
+    if len(idx) and int(idx[-1]) - int(idx[0]) == len(idx) - 1:
+        return table.slice(int(idx[0]), len(idx))
+    return table.take(pa.array(idx))
+
+
+def read_parts_ahead(url: str, pieces: list[tuple[Mapping, np.ndarray]], ahead: int = 2) -> Iterator[pa.Table]:
+    """The rows `idx` of each (part entry, idx) in turn, verified parts read `ahead` at a time on threads
+    (reading overlaps whatever the caller does with the previous table)."""
+    def read(piece):
+        return take_rows(read_part(url, piece[0], columns=list(COLUMNS)), piece[1])
+
+    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="t2i-parts") as pool:
+        futures = [pool.submit(read, p) for p in pieces[:ahead]]
+        for i in range(len(pieces)):
+            if i + ahead < len(pieces):
+                futures.append(pool.submit(read, pieces[i + ahead]))
+            table, futures[i] = futures[i].result(), None
+            yield table
 
 
 def _binary_column(col: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ No Ray here: the Ray Train worker (`pipelines/train.py`) and the single-process 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -28,6 +29,8 @@ import torch
 from t2i import checkpoint as ck
 from t2i import storage
 from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, parse_sets, replace, to_dict
+from t2i.data import position
+from t2i.data.position import DataPosition
 from t2i.errors import ConfigError, T2IError
 from t2i.families import family
 from t2i.presets import get_preset
@@ -66,11 +69,14 @@ class JobConfig:
     registry: str = ""
     init_from: str = ""  # start from a registered model (NAME, NAME:V, NAME@ALIAS) or a run's checkpoint URL
     tracker: tuple[str, ...] = ()  # tensorboard, mlflow, wandb
+    data_mode: str = "auto"  # held (in Ray's object store) | streamed (each rank reads its parts) | auto: by size
+    key_log: bool = False  # write every step's sample seeds under RUN/keys/ (an audit of exact data accounting)
     address: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's model
     train: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's TrainConfig
 
 
+DATA_MODES = ("auto", "held", "streamed")
 TRAIN_OPTIONS = ("steps", "batch_size", "checkpoint_every")  # options that override `train:` keys
 
 
@@ -98,13 +104,47 @@ def make_job(config_file: str | None = None, sets: list[str] | tuple[str, ...] =
     checks = [(job.workers >= 1, "--workers must be >= 1"), (job.keep >= 1, "--keep must be >= 1"),
               (job.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0"),
               (job.cpus_per_worker >= 0, "--cpus-per-worker must be >= 0"),
-              (job.max_failures >= -1, "--max-failures must be >= -1 (-1 = unlimited)")]
+              (job.max_failures >= -1, "--max-failures must be >= -1 (-1 = unlimited)"),
+              (job.data_mode in DATA_MODES, f"--data-mode must be one of {', '.join(DATA_MODES)}")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
     get_preset(job.model)  # an unknown preset (or tracker) is named before any data is read
     check_trackers(job.tracker)
     return dataclasses.replace(job, data=normal_url(job.data), out=normal_url(job.out))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`t2i train`'s options: the fields of `JobConfig` (and TRAIN_OPTIONS) as flags."""
+    p.add_argument("--data", help="embedded dataset URL (the output of `t2i embed`)")
+    p.add_argument("--model", help="model preset, e.g. flow-s, gan-s, flow-debug")
+    p.add_argument("--out", help="run directory URL (local or s3://); the same --out resumes")
+    p.add_argument("--config", help="job file (YAML or JSON) with any of the keys of these options; options win")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU training)")
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs reserved per worker; fractions are fine "
+                        "(default: a share that leaves room for data tasks)")
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: 2 x the CPU reservation)")
+    p.add_argument("--steps", type=int, help="train until this global step (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="global batch size, split evenly over the workers")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K steps (0 = only at the end)")
+    p.add_argument("--log-every", type=int, help="one log line per N steps (default: the preset's)")
+    p.add_argument("--keep", type=int, help="checkpoints to keep (default 3)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts allowed (default 2)")
+    p.add_argument("--init-from", metavar="REF", help="start from a registered model (NAME, NAME:V, NAME@ALIAS) or a "
+                   "run's checkpoint URL, with fresh optimizers (fine-tuning)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", dest="sets",
+                   help="override a model. or train. config key, e.g. train.lr_schedule=cosine (repeatable)")
+    p.add_argument("--tracker", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard "
+                   "(RUN/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else RUN/mlflow.db), wandb (offline by default)")
+    p.add_argument("--register", help="register the final EMA weights under this name")
+    p.add_argument("--registry", help="registry URL (default: $T2I_REGISTRY or ~/.t2i/registry)")
+    p.add_argument("--data-mode", choices=("auto", "held", "streamed"), help="hold the dataset in Ray's object "
+                   "store, or let each worker stream its parts (default auto: held if it fits in a quarter)")
+    p.add_argument("--key-log", action="store_true", default=None,
+                   help="log every step's sample seeds under RUN/keys/ (audits exact data accounting)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
 def normal_url(url: str) -> str:
@@ -294,18 +334,20 @@ def clean_unfinished(run_url: str, resumed_step: int) -> None:
 class Run:
     """One rank's side of a run: resume, log, checkpoint (rank 0 writes files), where the data is.
 
-    `epoch` / `epoch_step` say where this rank is in the data; a checkpoint records them and a
-    resume starts the next epoch when the saved one was partly done.
+    `pos` says where the run is in the data (`t2i.data.position`): a checkpoint records the epoch
+    and the samples trained in it, and a resume continues that epoch without them. With
+    `key_log`, each checkpoint also writes the seeds of every step since the last one.
     """
 
     def __init__(self, run_url: str, state: TrainState, *, rank: int = 0, world: int = 1, encoder: Any = None,
                  data_url: str = "", dataset_digest: str = "", prompts: EvalPrompts | None = None,
-                 launch: str = "", trackers: tuple[str, ...] = (), config: dict | None = None):
+                 launch: str = "", trackers: tuple[str, ...] = (), config: dict | None = None,
+                 key_log: bool = False):
         self.url, self.state, self.rank, self.world = run_url, state, rank, world
         self.encoder = to_dict(encoder) if dataclasses.is_dataclass(encoder) else encoder
         self.data_url, self.dataset_digest, self.prompts, self.launch = data_url, dataset_digest, prompts, launch
         self.files = RunFiles(run_url) if rank == 0 else None
-        self.epoch = self.epoch_step = 0
+        self.pos, self.key_log = DataPosition(), key_log
         self.last_ckpt = -1
         self.parent = ""  # the model this run started from, if any (lineage for checkpoints and cards)
         self.tracker_names, self.config, self.trackers = trackers, config or {}, None
@@ -319,9 +361,8 @@ class Run:
                  "device": str(self.state.runtime.device), "threads": torch.get_num_threads()}
         if url is not None:
             saved = ck.load_checkpoint(url, self.state, map_location=self.state.runtime.device)
-            pos = saved.meta.get("data_position") or {}
+            self.pos = position.restore(saved.meta.get("data_position") or {}, ck.read_seen(url))
             self.parent = saved.meta.get("parent") or ""
-            self.epoch = int(pos.get("epoch", 0)) + (1 if pos.get("epoch_step") else 0)
             self.last_ckpt = self.state.step
             # What the checkpoint says it saved and what loading it gave: a resume is checkable
             # even when the worker died before the checkpoint's event was written.
@@ -330,6 +371,8 @@ class Run:
                          restored=state_digests(self.state) if self.rank == 0 else None)
         if self.rank == 0:
             clean_unfinished(self.url, self.state.step)
+            if self.key_log:
+                position.prune_key_log(self.url, self.state.step)
             self.files.start(self.state.step)
             self.open_trackers()
             start["attempt"] = 1 + sum(1 for e in self.files.events()
@@ -368,6 +411,10 @@ class Run:
         if self.rank == 0 and self.tracker_names:
             self.trackers = Trackers(self.tracker_names, self.url, self.config, self.state.step)
 
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
     def log(self, rec: dict) -> None:
         rec = {"epoch": self.epoch, **rec}
         self.last_metrics = rec
@@ -391,12 +438,15 @@ class Run:
         """Rank 0 writes the checkpoint (weights, EMA, optimizers, data position) and a sample grid."""
         step = self.state.step
         url = ck.checkpoint_url(self.url, step)
+        records = self.pos.merge(gather(self.pos.pending))  # every rank's steps since the last checkpoint
         if self.rank == 0:
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
+            if self.key_log:  # before the checkpoint: chunks past a resume point are pruned, never missing
+                position.write_key_log(self.url, step, records)
             digests = state_digests(self.state)  # weights, EMA, optimizers: a resume is checked against them
-            ck.save_checkpoint(url, self.state, encoder_spec=self.encoder, meta_extra={
-                "data_position": {"epoch": self.epoch, "epoch_step": self.epoch_step}, "state_digests": digests,
+            ck.save_checkpoint(url, self.state, encoder_spec=self.encoder, seen=self.pos.seen, meta_extra={
+                "data_position": self.pos.meta(), "state_digests": digests,
                 "metrics": self.metrics(), "run_url": storage.describe(self.url),
                 "dataset_url": storage.describe(self.data_url), "dataset_digest": self.dataset_digest,
                 **({"parent": self.parent} if self.parent else {}),
