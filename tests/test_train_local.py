@@ -248,7 +248,9 @@ def test_local_run_feeds_tensorboard(tmp_path):
 def test_local_run_feeds_mlflow_once_per_run_directory(tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: RUN/mlflow.db
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     preset = get_preset("flow-debug")
     tc = replace(preset.train, steps=4, batch_size=4, log_every=2, checkpoint_every=2)
     data = tiny_data(8, preset.model.resolution, preset.model.text_dim)
@@ -262,6 +264,9 @@ def test_local_run_feeds_mlflow_once_per_run_directory(tmp_path, monkeypatch):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {m.step: m.value for m in history} == pytest.approx({r["step"]: r["loss"] for r in records})
     assert runs[0].data.params["train.steps"] == "4"
+    assert (run_dir / "mlflow.db").exists() and not list((tmp_path / "cwd").iterdir())  # nothing in the cwd
+    assert sorted(p.name for p in (run_dir / "mlflow-artifacts").rglob("*.png")) == ["step_000002.png",
+                                                                                     "step_000004.png"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is an optional extra")

@@ -5,7 +5,8 @@ One tracked run per run directory, whatever restarts and relaunches happen:
   tensorboard  event files in RUN/tensorboard; a resumed attempt writes with `purge_step` just past
                its resume step, so TensorBoard drops what a lost attempt logged after it (as
                metrics.jsonl does)
-  mlflow       MLFLOW_TRACKING_URI (a server, or e.g. sqlite:///mlflow.db), else RUN/mlflow.db;
+  mlflow       MLFLOW_TRACKING_URI (a server, or e.g. sqlite:///mlflow.db), else RUN/mlflow.db with
+               artifacts (the sample grids) in RUN/mlflow-artifacts;
                the run id is kept in RUN/trackers.json and reused
   wandb        offline unless WANDB_MODE says otherwise; its run id is kept the same way
 For an object-store run directory, TensorBoard writes locally and copies its files up at every
@@ -90,7 +91,13 @@ class MLflow:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI") and storage.is_local(run_url):
-            mlflow.set_tracking_uri(f"sqlite:///{Path(storage.split(run_url)[1], 'mlflow.db')}")
+            root = Path(storage.split(run_url)[1])
+            mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+            # A database store puts artifacts under ./mlruns of whatever directory the job ran in;
+            # the run's own experiment keeps them in the run directory.
+            if mlflow.get_experiment_by_name("t2i") is None:
+                mlflow.create_experiment("t2i", artifact_location=(root / "mlflow-artifacts").as_uri())
+            mlflow.set_experiment("t2i")
         self.mlflow = mlflow
         if ids.get("mlflow"):
             self.run = mlflow.start_run(run_id=ids["mlflow"])
