@@ -38,6 +38,7 @@ from t2i.data.batching import rows_to_batch
 from t2i.data.embedded import decode_rows, read_manifest, read_part
 from t2i.errors import T2IError
 from t2i.families import config_from_dict, make_state
+from t2i.lease import Lease
 from t2i.runtime import seed_from, setup_runtime
 from t2i.train.distributed import gather, param_digest, wrap_ddp
 from t2i.train.loop import Hooks, Meter, fit
@@ -68,7 +69,8 @@ def train(data: str | None = None, model: str | None = None, out: str | None = N
     and, with `register`, the registered `ref`."""
     launched = launched or time.time()
     job = make_job(config, data=data, model=model, out=out, **options)
-    result = fit_job(job, launched)
+    with Lease(job.out):  # before anything is written: a second driver on this run dir stops here
+        result = fit_job(job, launched)
     return {**result, **register_result(job, result)} if job.register else result
 
 

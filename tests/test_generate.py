@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -354,3 +355,33 @@ def test_tsv_prompts_with_per_prompt_images_carry_their_columns(registry, tmp_pa
     assert len(set(pngs.values())) == 6  # the id alone changes the noise
     with pytest.raises(T2IError, match="--per-prompt must be >= 1"):
         gen.generate("gan", str(prompts), str(tmp_path / "o2"), registry=registry, per_prompt=0)
+
+
+def test_two_generate_jobs_on_one_out_write_each_image_once(registry, s3, tmp_path):
+    """Two `t2i generate` processes on the same S3 --out at the same time: every image is written by
+    exactly one of them (conditional PUTs), both finish, and the manifest lists every image once."""
+    n = 64
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(n))
+    out = f"{s3}/gen/shared"
+    argv = [sys.executable, "-m", "pipelines.cli", "generate", "--model", "flow", "--prompts", prompts, "--out", out,
+            "--registry", registry, "--local", "--batch-size", "1", "--steps", "64"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start():
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start()]
+    deadline = time.time() + 120  # the second starts once the first is writing: they overlap
+    while not storage.exists(f"{out}/images") or not storage.listdir(f"{out}/images"):
+        assert procs[0].poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    procs.append(start())
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    counts = [re.search(r"generate: (\d+) written .*?, (\d+) already there", o[0]).groups() for o in outs]
+    written = [int(w) for w, _ in counts]
+    assert sum(written) == n, counts  # none written twice, none missing
+    assert all(int(w) + int(e) == n for w, e in counts)
+    rows = manifest(out)
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in prompt_rows(n))
+    assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["images"] == n

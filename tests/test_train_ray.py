@@ -25,7 +25,8 @@ from t2i import storage
 from t2i.config import EncoderSpec, to_dict
 from t2i.data import embedded as E
 from t2i.data import shapes
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import ConfigError, IntegrityError, T2IError
+from t2i.lease import Lease
 from t2i.registry import Registry
 from t2i.text import TextEncoder
 from t2i.train.run import EVAL_PROMPTS, JobConfig, dataset_prompts, make_job, resolve_model, write_run_config
@@ -535,3 +536,50 @@ def test_streamed_resume_on_fewer_workers_trains_each_sample_once(ray_cluster, s
     starts = [e for e in _lines(events_url) if e["event"] == "start"]
     assert [e["world"] for e in starts] == [2, 1, 1] and starts[1]["step"] == 10 and starts[2]["step"] >= 20
     assert_exact_epochs(run, [f"s{i:05d}" for i in range(128)], steps=36, world=[1, 2], batch=16)
+
+
+def test_a_second_train_on_a_run_in_use_stops_at_once(ray_cluster, tiny_encoders, tmp_path):
+    """A driver holding the run (its own process) makes a second `t2i train` stop within seconds
+    with one line; once it is SIGKILLed, the same command gets the run directory."""
+    import ray
+
+    from pipelines.cli import main
+
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    make_embedded(data, tiny_encoders["encoder"], num=64, parts=1)
+    argv = ["train", "--data", data, "--model", "flow-debug", "--out", run, "--workers", "1", "--steps", "100000",
+            "--batch-size", "16", "--checkpoint-every", "0"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (Lease(run).holder()[1] or {}).get("pid") and time.time() < deadline:
+            assert first.poll() is None
+            time.sleep(0.2)
+        t0 = time.time()
+        assert main([*argv, "--steps", "4"]) == 1
+        assert time.time() - t0 < 10
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    Lease(run).acquire().release()  # its holder is gone: taken at once, no ttl to wait out
+
+
+def test_a_run_refuses_a_dataset_embedded_again_under_it(ray_cluster, tiny_encoders, tmp_path):
+    """Resuming on a dataset whose digest changed stops with one line (at start, before Ray Train),
+    and a streamed part that changed under a run fails its check naming the file."""
+    from pipelines.train import train
+    from t2i.data.embedded import read_manifest, read_parts_ahead
+
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    make_embedded(data, tiny_encoders["encoder"], num=64, parts=2)
+    before = read_manifest(data)
+    train(data, "flow-debug", run, workers=1, steps=2, batch_size=16, checkpoint_every=0)
+    make_embedded(data, tiny_encoders["encoder"], num=48, parts=2)  # `t2i embed --overwrite` with other data
+    with pytest.raises(T2IError, match=r"was trained on dataset digest .* now holds .*train on a mix"):
+        train(data, "flow-debug", run, workers=1, steps=4, batch_size=16, checkpoint_every=0)
+    part = storage.url_join(data, before["parts"][0]["name"])  # a part changed in place (names are digests)
+    storage.write_bytes(part, storage.read_bytes(storage.url_join(data, read_manifest(data)["parts"][0]["name"])))
+    with pytest.raises(IntegrityError, match=r"part-\w+\.parquet: sha256 .* does not match the manifest"):
+        list(read_parts_ahead(data, [(before["parts"][0], np.arange(4))]))  # what a streaming rank reads

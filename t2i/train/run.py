@@ -225,11 +225,16 @@ def write_run_config(job: JobConfig, model_cfg: Any, train_cfg: TrainConfig, man
             raise T2IError(f"{storage.describe(job.out)} holds a run of another model (model.{diff}); "
                            "use a new --out to start a fresh run")
         old_digest = (old.get("dataset") or {}).get("digest")
-        if old_digest and old_digest != manifest["digest"]:
-            log.warning("resuming %s on a different dataset (digest %s, the run started on %s)",
-                        storage.describe(job.out), manifest["digest"][:19], old_digest[:19])
+        if old_digest and old_digest != manifest["digest"] and ck.list_checkpoints(job.out):
+            raise T2IError(dataset_changed(job.out, job.data, old_digest, manifest["digest"]))
     storage.write_text(url, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
+
+
+def dataset_changed(run_url: str, data_url: str, trained: str, now: str) -> str:
+    return (f"{storage.describe(run_url)} was trained on dataset digest {trained[:19]}, and "
+            f"{storage.describe(data_url)} now holds {now[:19]} (embedded again?): resuming would train on a mix. "
+            "Resume on the data it started with, or start a new --out (--init-from a checkpoint keeps the weights)")
 
 
 def dataset_prompts(job: JobConfig, manifest: dict) -> EvalPrompts:
@@ -361,6 +366,9 @@ class Run:
                  "device": str(self.state.runtime.device), "threads": torch.get_num_threads()}
         if url is not None:
             saved = ck.load_checkpoint(url, self.state, map_location=self.state.runtime.device)
+            trained = saved.meta.get("dataset_digest")
+            if trained and self.dataset_digest and trained != self.dataset_digest:
+                raise T2IError(dataset_changed(self.url, self.data_url, trained, self.dataset_digest))
             self.pos = position.restore(saved.meta.get("data_position") or {}, ck.read_seen(url))
             self.parent = saved.meta.get("parent") or ""
             self.last_ckpt = self.state.step
