@@ -66,7 +66,8 @@ def outcome(item, resolution=32, min_size=16):
 def test_reason_strings_are_the_contract():
     assert shards.REASONS == (
         "corrupt_image", "missing_image", "missing_caption", "empty_caption", "too_small", "truncated",
-        "duplicate_key",
+        "duplicate_key", "image_too_large", "unsupported_format", "caption_too_long", "bad_caption_encoding",
+        "unsafe_name", "link_member", "member_too_large", "inflate_limit",
     )
 
 
@@ -186,7 +187,7 @@ def test_decode_resizes_shorter_side_and_centre_crops_deterministically():
     assert e.value.reason == "too_small"
     with pytest.raises(SkipSample) as e:
         shards.decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n", 64)  # never handed to other decoders
-    assert e.value.reason == "corrupt_image"
+    assert e.value.reason == "unsupported_format"
 
 
 def test_brace_expansion():
