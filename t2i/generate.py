@@ -47,7 +47,7 @@ from t2i.prompts import PromptFile, expand, id_problem, read_prompts
 from t2i.registry import Registry
 from t2i.runtime import setup_runtime
 from t2i.sampling import generate as sample_images
-from t2i.text import TextEncoder
+from t2i.text import TextEncoder, resolve_encoder_path, weights_digest
 from t2i.text.encoder import quiet_transformers
 
 log = logging.getLogger("t2i.generate")
@@ -108,6 +108,21 @@ def read_png_meta(url: str) -> dict | None:
 # ----------------------------------------------------------------------------- the image maker
 
 
+def check_encoder(ref: str, path, revision: str) -> None:
+    """Refuse a text encoder whose files are not the ones model `ref` was trained on: its card's
+    encoder `revision` (t2i.text.weights_digest of the encoder's files) must be the digest of `path`.
+
+    The spec names an encoder by path or hub name, and what lies there can change (a re-download, a
+    fine-tune saved over it); features from other weights give the model inputs it never saw. A card
+    without a revision has nothing to compare against."""
+    if not revision:
+        return
+    found = weights_digest(path)
+    if found != revision:
+        raise T2IError(f"model '{ref}': text encoder {path} has digest {found}, but the model was trained with "
+                       f"encoder digest {revision} (its card's encoder.revision); refusing to use another encoder")
+
+
 class ImageMaker:
     """Rows {id, prompt, seed} -> images written to OUT/images; one instance per actor.
 
@@ -125,6 +140,7 @@ class ImageMaker:
             raise RuntimeError(f"model {ref} changed while the job ran (digest {model_digest(card)[:12]} "
                                f"!= {digest[:12]})")
         spec = from_dict(EncoderSpec, card["encoder"])
+        check_encoder(card["ref"], resolve_encoder_path(spec.name), spec.revision)  # before loading it
         self.encoder = TextEncoder(spec, device=self.runtime.device)
         self.out, self.ref, self.digest = out, ref, digest
         self.steps, self.guidance = steps, guidance
