@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reliability import record
 
 from pipelines import cluster
 from pipelines import generate as ray_gen
@@ -385,3 +386,6 @@ def test_two_generate_jobs_on_one_out_write_each_image_once(registry, s3, tmp_pa
     rows = manifest(out)
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in prompt_rows(n))
     assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["images"] == n
+    record("two generate jobs on one --out", "the second started while the first was writing", "generate, S3",
+           f"both finished; images written {written[0]} + {written[1]}, the rest found already there",
+           n - len(rows), sum(written) - n, "-", "images written per job vs prompts; manifest rows")

@@ -27,6 +27,7 @@ from t2i.data.shards import Sample, Skip, SkipSample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile  # noqa: E402  (tests/ is not a package; the corpus builder lives beside its tests)
+from reliability import record  # noqa: E402
 
 RES = 16
 REPO = Path(__file__).resolve().parent.parent
@@ -279,3 +280,9 @@ def test_embed_of_hostile_shards(ray_cluster, tiny_encoders, tmp_path):
     assert _tree(tmp_path, out) == before
     assert not target.exists() and not (tmp_path.parent / "escaped.png").exists()
     assert not (out.parent.parent / "escaped.png").exists() and not (out / "sub").exists()
+    good = sum(1 for v in expected.values() if v == "ok")
+    record("hostile input", f"{len(expected) - good} hostile samples among {good} good ones in "
+           f"{len(set(s for s, _ in expected))} shards (bombs, odd modes, links, .. names, 1 TB pax, gzip bomb)",
+           "embed, local", f"each hostile sample skipped with its reason ({len(set(named.values()))} reasons); "
+           "nothing written outside --out", good - len(emb.keys), len(emb.keys) - len(set(emb.keys)),
+           "-", "good keys kept vs the corpus's list")
