@@ -19,6 +19,7 @@ import ray
 
 from pipelines import cluster
 from t2i import storage
+from t2i.config import job_kwargs
 from t2i.data import embed as job
 from t2i.data.shards import expand_shards
 
@@ -79,26 +80,25 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="shards: a directory/prefix, a glob or a brace list "
+    # Defaults are embed()'s: None here means "not given", so a job file's value stands.
+    p.add_argument("--config", help="job file (YAML or JSON) with any of these options as keys; options win")
+    p.add_argument("--data", help="shards: a directory/prefix, a glob or a brace list "
                    "(e.g. s3://bucket/shards/{00000..00099}.tar)")
-    p.add_argument("--out", required=True, help="output directory or s3:// prefix for the embedded dataset")
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2",
-                   help="text encoder: a local model directory or the packaged all-MiniLM-L6-v2 (default)")
-    p.add_argument("--encoder-kind", default="encoder", choices=("encoder", "t5", "decoder"),
-                   help="encoder family (default: %(default)s)")
-    p.add_argument("--hidden-layer", type=int, default=-1, help="which hidden state to keep (default: last)")
-    p.add_argument("--prefix", default="", help="instruction prefix for decoder LLMs (dropped from the output)")
-    p.add_argument("--resolution", type=int, default=64, help="training resolution in pixels (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens kept per caption (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="captions per encoder batch (default: %(default)s)")
-    p.add_argument("--min-size", type=int, default=0,
-                   help="skip images whose short side is below this many pixels (default: keep all)")
-    p.add_argument("--encoders", type=int, default=None,
-                   help="encoder actors (default: one per GPU, else from the CPU count)")
-    p.add_argument("--encoder-threads", type=int, default=None, help="torch threads per CPU encoder actor")
-    p.add_argument("--rows-per-part", type=int, default=None, help="rows per Parquet part (default: ~64 MB parts)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing embedded dataset at --out")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--out", help="output directory or s3:// prefix for the embedded dataset")
+    p.add_argument("--encoder", help="text encoder: a local model directory or the packaged all-MiniLM-L6-v2 (default)")
+    p.add_argument("--encoder-kind", choices=("encoder", "t5", "decoder"), help="encoder family (default: encoder)")
+    p.add_argument("--hidden-layer", type=int, help="which hidden state to keep (default: -1, the last)")
+    p.add_argument("--prefix", help="instruction prefix for decoder LLMs (dropped from the output)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: 64)")
+    p.add_argument("--max-tokens", type=int, help="tokens kept per caption (default: 64)")
+    p.add_argument("--batch-size", type=int, help="captions per encoder batch (default: 64)")
+    p.add_argument("--min-size", type=int, help="skip images whose short side is below this many pixels (default: 0)")
+    p.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, else from the CPU count)")
+    p.add_argument("--encoder-threads", type=int, help="torch threads per CPU encoder actor")
+    p.add_argument("--rows-per-part", type=int, help="rows per Parquet part (default: ~64 MB parts)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing embedded dataset at --out")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
 # Each option's dest is the keyword of `embed` with the same name.
@@ -106,7 +106,7 @@ OPTIONS = tuple(inspect.signature(embed).parameters)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = embed(**{name: getattr(args, name) for name in OPTIONS})
+    r = embed(**job_kwargs(embed, args.config, {name: getattr(args, name) for name in OPTIONS}))
     print(job.summary_line(r["manifest"], r["shards"], r["seconds"], r["out"]))
     return 0
 

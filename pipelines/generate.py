@@ -11,6 +11,7 @@ batch size, actor count or where they are made).
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import ray
 
 from pipelines import cluster
 from t2i import generate as gen
+from t2i.config import job_kwargs
 from t2i.errors import T2IError
 from t2i.progress import eta
 
@@ -70,25 +72,24 @@ def generate(model: str, prompts: str, out: str, *, registry: str | None = None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered model: NAME, NAME:VERSION or NAME@ALIAS")
-    p.add_argument("--prompts", required=True,
-                   help="prompt file: .txt (one prompt per line) or .jsonl/.csv/.tsv/.parquet "
+    # Defaults are generate()'s: None here means "not given", so a job file's value stands.
+    p.add_argument("--config", help="job file (YAML or JSON) with any of these options as keys; options win")
+    p.add_argument("--model", help="registered model: NAME, NAME:VERSION or NAME@ALIAS")
+    p.add_argument("--prompts", help="prompt file: .txt (one prompt per line) or .jsonl/.csv/.tsv/.parquet "
                    "(prompt, optional id and seed; other columns go into the manifest)")
-    p.add_argument("--out", required=True, help="output directory or s3:// prefix (images/, manifest, errors)")
-    p.add_argument("--registry", default=None, help="registry URL (default: $T2I_REGISTRY, else ~/.t2i/registry)")
-    p.add_argument("--steps", type=int, default=None, help="flow sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="flow classifier-free guidance (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help=f"prompts per actor call (default: %(default)s; CPU models take {gen.MICRO_BATCH} at a time)")
-    p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default: %(default)s)")
-    p.add_argument("--per-prompt", type=int, default=1, metavar="N",
-                   help="images per prompt, ids ID-0..ID-(N-1) (default: %(default)s)")
-    p.add_argument("--actors", type=int, default=None,
-                   help=f"generation actors (default: one per GPU, else one per CPU core, at most "
-                        f"{gen.MAX_DEFAULT_ACTORS})")
-    p.add_argument("--grid", action="store_true",
+    p.add_argument("--out", help="output directory or s3:// prefix (images/, manifest, errors)")
+    p.add_argument("--registry", help="registry URL (default: $T2I_REGISTRY, else ~/.t2i/registry)")
+    p.add_argument("--steps", type=int, help="flow sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="flow classifier-free guidance (default: the model's)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"prompts per actor call (default: 16; CPU models take {gen.MICRO_BATCH} at a time)")
+    p.add_argument("--seed", type=int, help="seed for rows without one (default: 0)")
+    p.add_argument("--per-prompt", type=int, metavar="N", help="images per prompt, ids ID-0..ID-(N-1) (default: 1)")
+    p.add_argument("--actors", type=int, help=f"generation actors (default: one per GPU, else one per CPU core, "
+                   f"at most {gen.MAX_DEFAULT_ACTORS})")
+    p.add_argument("--grid", action="store_true", default=None,
                    help=f"also write a contact sheet {gen.GRID} (first {gen.GRID_MAX} ids)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", dest="local", action="store_true", default=None,
                        help=f"generate in this process, without Ray (default for up to {gen.LOCAL_MAX} prompts "
@@ -97,9 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = generate(args.model, args.prompts, args.out, registry=args.registry, steps=args.steps,
-                 guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, actors=args.actors,
-                 grid=args.grid, address=args.address, local=args.local, per_prompt=args.per_prompt)
+    options = {name: getattr(args, name) for name in inspect.signature(generate).parameters}
+    s = generate(**job_kwargs(generate, args.config, options))
     print(gen.summary_line(s))
     return 0
 

@@ -131,6 +131,34 @@ def load_file(path: str | Path) -> dict:
     return data
 
 
+def signature_config(fn: Any) -> type:
+    """A frozen dataclass of job function `fn`'s parameters (names, types, defaults): the schema
+    its job files are validated against, kept in step with the function by construction."""
+    import inspect
+
+    hints = typing.get_type_hints(fn)
+    fields = []
+    for p in inspect.signature(fn).parameters.values():
+        spec = (p.name, hints.get(p.name, Any))
+        fields.append(spec if p.default is inspect.Parameter.empty else (*spec, dataclasses.field(default=p.default)))
+    return dataclasses.make_dataclass(f"{fn.__name__.title()}Job", fields, frozen=True)
+
+
+def job_kwargs(fn: Any, config_file: str | None, options: dict) -> dict:
+    """Keywords for job function `fn`: its defaults < the job file (`--config`, JSON or YAML) <
+    the options given (None = not given). Unknown or mistyped job-file keys are ConfigErrors naming
+    the file and the key; a required one missing from both is named as its option."""
+    data = load_file(config_file) if config_file else {}
+    where = str(config_file) if config_file else fn.__name__
+    merged = {**data, **{k: v for k, v in options.items() if v is not None}}
+    cls = signature_config(fn)
+    for f in dataclasses.fields(cls):
+        if f.name not in merged and f.default is dataclasses.MISSING:
+            raise ConfigError(f"--{f.name.replace('_', '-')} is required (or `{f.name}:` in the job file)")
+    job = from_dict(cls, merged, where=where)
+    return {f.name: getattr(job, f.name) for f in dataclasses.fields(cls)}
+
+
 def dumps(cfg: Any) -> str:
     return json.dumps(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, indent=2, sort_keys=True)
 

@@ -389,3 +389,32 @@ def test_two_generate_jobs_on_one_out_write_each_image_once(registry, s3, tmp_pa
     record("two generate jobs on one --out", "the second started while the first was writing", "generate, S3",
            f"both finished; images written {written[0]} + {written[1]}, the rest found already there",
            n - len(rows), sum(written) - n, "-", "images written per job vs prompts; manifest rows")
+
+
+def test_generate_and_embed_job_files(registry, tmp_path, capsys):
+    """`--config FILE` on generate and embed, as on train: defaults < file < options; unknown and
+    mistyped keys name the file and the key; a required option may come from either."""
+    from pipelines.cli import main
+    from pipelines.embed import embed
+    from t2i.config import job_kwargs
+    from t2i.errors import ConfigError
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(3))
+    job = tmp_path / "gen.yaml"
+    job.write_text(f"model: gan\nprompts: {prompts}\nregistry: {registry}\nseed: 1\nbatch_size: 2\nlocal: true\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--config", str(job), "--out", str(out), "--seed", "3"]) == 0
+    assert json.loads((out / "job.json").read_text())["seed"] == 3 and len(manifest(str(out))) == 3
+
+    job.write_text("model: gan\nbatch_size: four\n")
+    assert main(["generate", "--config", str(job), "--prompts", prompts, "--out", str(out)]) == 1
+    assert f"{job}.batch_size: expected an integer" in capsys.readouterr().err.splitlines()[-1]
+    bad = tmp_path / "embed.json"
+    bad.write_text(json.dumps({"data": "shards/", "resolutoin": 32}))
+    with pytest.raises(ConfigError, match=r"embed.json: unknown key 'resolutoin'"):
+        job_kwargs(embed, str(bad), {"out": "x"})
+    bad.write_text(json.dumps({"data": "shards/", "resolution": 32, "overwrite": True}))
+    kw = job_kwargs(embed, str(bad), {"out": "x", "resolution": 16, "batch_size": None})
+    assert (kw["data"], kw["resolution"], kw["overwrite"], kw["batch_size"]) == ("shards/", 16, True, 64)
+    with pytest.raises(ConfigError, match=r"--out is required \(or `out:` in the job file\)"):
+        job_kwargs(embed, str(bad), {})
