@@ -1,7 +1,5 @@
-"""The `t2i` command.
-
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-this file only wires them up and turns user errors into one line and a non-zero exit.
+"""The `t2i` command. Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`; this file wires them up and turns user errors into one line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ COMMANDS = [
     ("embed", "pipelines.embed", "shards -> decoded images + text embeddings (Parquet), on Ray Data"),
     ("train", "pipelines.train", "train a model on an embedded dataset with Ray Train"),
     ("generate", "pipelines.generate", "prompt file -> images with a registered model, on Ray Data"),
-    ("registry", "pipelines.registry_cli", "list, show and alias registered models"),
+    ("registry", "t2i.registry_cli", "list, show and alias registered models"),
     ("export", "t2i.export", "write a registered model as a folder Hugging Face diffusers loads offline"),
     ("presets", "t2i.presets", "model presets: parameters, tokens, FLOPs, memory, GPU throughput"),
     ("demo", "pipelines.demo", "the whole flow end to end on the embedded defaults"),

@@ -18,8 +18,9 @@ import time
 import ray
 
 from pipelines import cluster
+from pipelines.metrics import EmbedMetrics
 from t2i import storage
-from t2i.config import job_kwargs
+from t2i.config import job_kwargs, signature_config
 from t2i.data import embed as job
 from t2i.data.shards import expand_shards
 
@@ -58,11 +59,12 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
                             compute=ray.data.ActorPoolStrategy(size=plan["encoders"]), **plan["actor"])
         ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=out), batch_format="pyarrow",
                             batch_size=job.rows_per_part(resolution, rows_per_part), num_cpus=plan["task_cpus"])
-        acc = job.Accumulator(urls)
+        acc, counters = job.Accumulator(urls), EmbedMetrics(storage.describe(out))
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for summary in job.read_summaries(batch):
                     acc.add(summary)
+                    counters.add(summary)
         except Exception as e:
             err = cluster.user_error(e)
             if err is None:
@@ -101,12 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
-# Each option's dest is the keyword of `embed` with the same name.
-OPTIONS = tuple(inspect.signature(embed).parameters)
+# Each option's dest is the keyword of `embed` with the same name; job files are checked against JOB.
+OPTIONS, JOB = tuple(inspect.signature(embed).parameters), signature_config(embed)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = embed(**job_kwargs(embed, args.config, {name: getattr(args, name) for name in OPTIONS}))
+    r = embed(**job_kwargs(JOB, args.config, {name: getattr(args, name) for name in OPTIONS}))
     print(job.summary_line(r["manifest"], r["shards"], r["seconds"], r["out"]))
     return 0
 

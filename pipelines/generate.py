@@ -20,8 +20,10 @@ import time
 import ray
 
 from pipelines import cluster
+from pipelines.metrics import GenerateMetrics
 from t2i import generate as gen
-from t2i.config import job_kwargs
+from t2i import storage
+from t2i.config import job_kwargs, signature_config
 from t2i.errors import T2IError
 from t2i.progress import eta
 
@@ -99,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in inspect.signature(generate).parameters}
-    s = generate(**job_kwargs(generate, args.config, options))
+    s = generate(**job_kwargs(signature_config(generate), args.config, options))
     print(gen.summary_line(s))
     return 0
 
@@ -129,7 +131,9 @@ def run_job(job: gen.Job, batch_size: int, plan: dict, progress_every: float = 1
     ds = ds.map_batches(RayImageMaker, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=plan["actors"]), **plan["resources"])
     results, t0, last = [], time.perf_counter(), time.perf_counter()
+    counters = GenerateMetrics(storage.describe(job.out))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        counters.add(list(batch["status"]))
         results += [{"id": str(i), "prompt": str(p), "seed": int(s), "status": str(st)}
                     for i, p, s, st in zip(batch["id"], batch["prompt"], batch["seed"], batch["status"])]
         now = time.perf_counter()

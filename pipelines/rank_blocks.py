@@ -1,22 +1,14 @@
 """Per-rank shards of an embedded dataset, dealt afresh every epoch, no coordinator.
 
-Ray Train's default `DataConfig` splits a dataset with `streaming_split`: a coordinator actor hands
-each rank its next block over a remote call, so which rows a rank trains depends on timing and a
-resumed run cannot tell which rows of its epoch are left. Here each rank works out its own rows
-from a seed, the epoch and the unit sizes (`t2i.data.position.deal`), as PyTorch's
-`DistributedSampler` does with indices, so an epoch replays exactly and a resume can deal out just
-the rows its checkpoint has not trained, over any number of ranks:
-
-- `RankBlocks`: a dataset held in the object store (blocks are the units; `EpochShards` hands them
-  to Ray Train's workers);
-- `RankParts`: a dataset too big for that; the units are its parquet parts, which each rank reads
-  itself (sha256-checked against the manifest, a few parts ahead on threads).
-
-Both are `DataIterator`s, so `iter_torch_batches` (prefetch, local shuffle buffer, collate) works
-as usual. `set_epoch(e, exclude)` says which epoch the next iteration is and which sample seeds it
-leaves out. The class implements `DataIterator`'s one abstract hook, `_to_ref_bundle_iterator`,
-which is private to Ray Data: this module follows the pinned Ray minor version
-(tests/test_rank_blocks.py checks it).
+Ray's `streaming_split` hands blocks to ranks as they ask, so which rows a rank trains depends on
+timing and a resume cannot tell which rows of its epoch are left. Here each rank works out its own
+rows from (seed, epoch, unit sizes, world) with `t2i.data.position.deal`, so an epoch replays
+exactly and a resume deals out only the rows its checkpoint has not trained, over any world size.
+`RankBlocks` serves a dataset held in the object store (`EpochShards` hands it to Ray Train);
+`RankParts` one too big for that, each rank reading its own parquet parts (sha256-checked, a few
+ahead on threads). Both are `DataIterator`s (`iter_torch_batches` works as usual) through its one
+abstract hook, `_to_ref_bundle_iterator`, which is private to Ray Data (tests/test_rank_blocks.py
+pins it to the Ray minor version).
 """
 from __future__ import annotations
 

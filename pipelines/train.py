@@ -30,6 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from pipelines.cluster import connect, forwarded_env, quiet_train_reports, user_error
+from pipelines.metrics import TrainMetrics
 from pipelines.rank_blocks import EpochShards, RankParts
 from t2i import storage
 from t2i.checkpoint import prune
@@ -43,6 +44,7 @@ from t2i.runtime import seed_from, setup_runtime
 from t2i.train.distributed import gather, param_digest, wrap_ddp
 from t2i.train.loop import Hooks, Meter, fit
 from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
+    OPTIONS,
     JobConfig,
     Run,
     add_arguments,
@@ -75,10 +77,7 @@ def train(data: str | None = None, model: str | None = None, out: str | None = N
 
 
 def run(args: argparse.Namespace) -> int:
-    options = {k: getattr(args, k) for k in (
-        "workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "steps", "batch_size",
-        "checkpoint_every", "log_every", "keep", "max_failures", "register", "registry", "address", "init_from",
-        "sets", "tracker", "data_mode", "key_log")}
+    options = {k: v for k, v in vars(args).items() if k in OPTIONS}
     print(summary_lines(train(args.data, args.model, args.out, config=args.config, launched=time.time(), **options)))
     return 0
 
@@ -162,6 +161,8 @@ def train_func(cfg: dict) -> dict:
         w.save()
         report(w, ctx, {"step": _state.step, **w.metrics()}, _state.step)
 
+    if w.rank == 0:
+        w.observers.append(TrainMetrics(storage.describe(cfg["run_url"])))  # Ray's metrics export
     hooks = Hooks(log=w.log, checkpoint=on_checkpoint, step=on_step)
     while state.step < tc.steps:
         shard.set_epoch(w.pos.epoch, w.pos.exclude())  # a resumed epoch leaves out what it trained

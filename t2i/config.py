@@ -144,14 +144,14 @@ def signature_config(fn: Any) -> type:
     return dataclasses.make_dataclass(f"{fn.__name__.title()}Job", fields, frozen=True)
 
 
-def job_kwargs(fn: Any, config_file: str | None, options: dict) -> dict:
-    """Keywords for job function `fn`: its defaults < the job file (`--config`, JSON or YAML) <
-    the options given (None = not given). Unknown or mistyped job-file keys are ConfigErrors naming
-    the file and the key; a required one missing from both is named as its option."""
+def job_kwargs(cls: type, config_file: str | None, options: dict) -> dict:
+    """Keywords for a job function from its `signature_config` class: its defaults < the job file
+    (`--config`, JSON or YAML) < the options given (None = not given). Unknown or mistyped job-file
+    keys are ConfigErrors naming the file and the key; a required one missing from both is named
+    as its option."""
     data = load_file(config_file) if config_file else {}
-    where = str(config_file) if config_file else fn.__name__
+    where = str(config_file) if config_file else cls.__name__
     merged = {**data, **{k: v for k, v in options.items() if v is not None}}
-    cls = signature_config(fn)
     for f in dataclasses.fields(cls):
         if f.name not in merged and f.default is dataclasses.MISSING:
             raise ConfigError(f"--{f.name.replace('_', '-')} is required (or `{f.name}:` in the job file)")

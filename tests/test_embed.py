@@ -11,6 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import raymetrics
 from PIL import Image
 
 from pipelines import embed as embed_job
@@ -147,7 +148,13 @@ def _check_faults(root: str, out: str, encoder: str) -> dict:
 
 
 def test_fault_accounting_local(ray_cluster, tiny_encoders, tmp_path):
-    _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"])
+    m = _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"])
+    # The same counts on Ray's metrics export (Prometheus format), by status and reason.
+    tag = f"dataset={storage.describe(str(tmp_path / 'out'))}"
+    want = {("ray_t2i_embed_samples_total", f"{tag},reason=,status=kept"): m["counts"]["kept"]}
+    want.update({("ray_t2i_embed_samples_total", f"{tag},reason={r},status=skipped"): n
+                 for r, n in m["counts"]["skipped_by_reason"].items()})
+    raymetrics.until(want)
 
 
 def test_fault_accounting_s3(ray_cluster, tiny_encoders, s3):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import raymetrics
 import torch
 from PIL import Image
 from reliability import record
@@ -121,6 +122,8 @@ def test_same_bytes_whatever_batch_size_and_actors(ray_cluster, registry, tmp_pa
     assert len(set(a.values())) == 40
     rows = manifest(str(tmp_path / "out-4-1"))
     assert [r["id"] for r in rows] == [f"p{i:03d}" for i in range(40)]
+    tag = f"out={storage.describe(str(tmp_path / 'out-16-2'))},status=written"
+    raymetrics.until({("ray_t2i_generate_images_total", tag): 40})  # on Ray's metrics export
     assert {r["model"] for r in rows} == {f"{model}:1"} and rows[7]["seed"] == 2
 
 
@@ -396,7 +399,7 @@ def test_generate_and_embed_job_files(registry, tmp_path, capsys):
     mistyped keys name the file and the key; a required option may come from either."""
     from pipelines.cli import main
     from pipelines.embed import embed
-    from t2i.config import job_kwargs
+    from t2i.config import job_kwargs, signature_config
     from t2i.errors import ConfigError
 
     prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(3))
@@ -412,9 +415,9 @@ def test_generate_and_embed_job_files(registry, tmp_path, capsys):
     bad = tmp_path / "embed.json"
     bad.write_text(json.dumps({"data": "shards/", "resolutoin": 32}))
     with pytest.raises(ConfigError, match=r"embed.json: unknown key 'resolutoin'"):
-        job_kwargs(embed, str(bad), {"out": "x"})
+        job_kwargs(signature_config(embed), str(bad), {"out": "x"})
     bad.write_text(json.dumps({"data": "shards/", "resolution": 32, "overwrite": True}))
-    kw = job_kwargs(embed, str(bad), {"out": "x", "resolution": 16, "batch_size": None})
+    kw = job_kwargs(signature_config(embed), str(bad), {"out": "x", "resolution": 16, "batch_size": None})
     assert (kw["data"], kw["resolution"], kw["overwrite"], kw["batch_size"]) == ("shards/", 16, True, 64)
     with pytest.raises(ConfigError, match=r"--out is required \(or `out:` in the job file\)"):
-        job_kwargs(embed, str(bad), {})
+        job_kwargs(signature_config(embed), str(bad), {})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import raymetrics
 import torch
 import yaml
 from reliability import record
@@ -546,8 +547,12 @@ def test_streamed_resume_on_fewer_workers_trains_each_sample_once(ray_cluster, s
     seen = json.loads(storage.read_bytes(storage.url_join(run, "checkpoints", "step_000010", "meta.json")))
     assert seen["data_position"] == {"epoch": 1, "epoch_step": 2, "seen": 32}  # 8 steps per epoch
 
-    with worker_killed_past(run, 24, rank=0) as killed:
+    with worker_killed_past(run, 24, rank=0) as killed, raymetrics.watched() as seen:
         second = train(data, "flow-debug", run, workers=1, steps=36, max_failures=1, **opts)
+    # Rank 0's figures reached Ray's metrics export while it trained.
+    tag = f"run={storage.describe(run)}"
+    assert seen.get(("ray_t2i_train_step", tag), 0) > 10 and seen.get(("ray_t2i_train_images_per_second", tag), 0) > 0
+    assert ("ray_t2i_train_data_wait_ratio", tag) in seen and ("ray_t2i_train_loss", tag) in seen
     events_url = storage.url_join(run, "events.jsonl")
     assert killed and second["step"] == 36 and second["attempt"] == 2
     starts = [e for e in _lines(events_url) if e["event"] == "start"]

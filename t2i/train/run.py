@@ -77,6 +77,11 @@ class JobConfig:
 
 
 DATA_MODES = ("auto", "held", "streamed")
+# What `t2i train`'s flags set besides data, model, out and config: every JobConfig field but the
+# dicts that job files and --set fill, and the TrainConfig keys with flags of their own.
+OPTIONS = frozenset({f.name for f in dataclasses.fields(JobConfig)} - {"data", "model", "out", "model_config",
+                                                                        "train", "eval_prompts"}
+                    | {"steps", "batch_size", "checkpoint_every", "sets"})
 TRAIN_OPTIONS = ("steps", "batch_size", "checkpoint_every")  # options that override `train:` keys
 
 
@@ -357,6 +362,7 @@ class Run:
         self.parent = ""  # the model this run started from, if any (lineage for checkpoints and cards)
         self.tracker_names, self.config, self.trackers = trackers, config or {}, None
         self.last_metrics: dict = {}
+        self.observers: list = []  # more callables fed every logging record (e.g. Ray's metrics gauges)
 
     def resume(self, url: str | None) -> dict:
         """Load `url` (None: a fresh start) on every rank; returns the start event (rank 0 records it)."""
@@ -426,6 +432,8 @@ class Run:
     def log(self, rec: dict) -> None:
         rec = {"epoch": self.epoch, **rec}
         self.last_metrics = rec
+        for observe in self.observers:
+            observe(rec)
         if self.rank == 0:
             self.files.metric(rec)
             if self.trackers is not None:
