@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from t2i import registry
+from t2i import mlflow_registry, registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(reg.show(args.ref), indent=2, sort_keys=True))
         return 0
     ref = reg.alias(args.ref, args.alias)
-    print(f"{ref.name}@{args.alias} -> {ref}")
+    mirrored = mlflow_registry.alias(reg.resolve(str(ref)), args.alias) if mlflow_registry.enabled() else None
+    print(f"{ref.name}@{args.alias} -> {ref}" + (f" (and {mirrored} in MLflow)" if mirrored else ""))
     return 0

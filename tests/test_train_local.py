@@ -283,3 +283,46 @@ def test_local_run_feeds_wandb_offline_once_per_run_directory(tmp_path, monkeypa
     offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 2  # both launches wrote to the one run id, offline (nothing left the machine)
     assert all((d / f"run-{run_id}.wandb").stat().st_size > 0 for d in offline)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is an optional extra")
+def test_registering_mirrors_into_mlflow_model_registry(tmp_path, monkeypatch, capsys):
+    """With MLFLOW_TRACKING_URI set, --register also makes an MLflow model version whose artifacts are
+    the registered files (logged to the run's own MLflow run), the card names its models:/ URI, and
+    `t2i registry alias` moves the MLflow alias too."""
+    import hashlib
+
+    import mlflow
+
+    from t2i.checkpoint import list_checkpoints
+    from t2i.registry_cli import add_arguments, run
+    from t2i.train.run import make_job, register_result
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # a database store keeps artifacts under ./mlruns
+    preset = get_preset("flow-debug")
+    tc = replace(preset.train, steps=2, batch_size=4, log_every=1, checkpoint_every=2)
+    run_dir, reg = tmp_path / "run", str(tmp_path / "registry")
+    train_local(preset.model, tc, tiny_data(8, preset.model.resolution, preset.model.text_dim), str(run_dir),
+                device="cpu", trackers=("mlflow",))
+    job = make_job(None, data=str(tmp_path), model="flow-debug", out=str(run_dir), register="shapes", registry=reg)
+    out = register_result(job, {"checkpoint": list_checkpoints(str(run_dir))[-1][1], "metrics": {"loss": 0.5}})
+    assert out["ref"] == "shapes:1" and out["mlflow"] == "models:/shapes/1"
+
+    card = Registry(reg).resolve("shapes:1")
+    assert card["mlflow"] == {"uri": "models:/shapes/1", "version": 1}
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version("shapes", "1")
+    assert mv.run_id == json.loads((run_dir / "trackers.json").read_text())["mlflow"]  # the run's own
+    assert mv.tags["t2i_ref"] == "shapes:1" and mv.tags["ema_sha256"] == card["files"]["ema.safetensors"]["sha256"]
+    files = mlflow.artifacts.download_artifacts(artifact_uri="models:/shapes/1", dst_path=str(tmp_path / "dl"))
+    for name, want in card["files"].items():
+        assert hashlib.sha256((tmp_path / "dl" / name).read_bytes()).hexdigest() == want["sha256"], name
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--registry", reg, "alias", "shapes:1", "prod"])) == 0
+    assert "models:/shapes@prod in MLflow" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("shapes", "prod").version) == "1"

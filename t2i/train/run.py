@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from t2i import checkpoint as ck
-from t2i import storage
+from t2i import mlflow_registry, storage
 from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, parse_sets, replace, to_dict
 from t2i.data import position
 from t2i.data.position import DataPosition
@@ -116,6 +116,8 @@ def make_job(config_file: str | None = None, sets: list[str] | tuple[str, ...] =
             raise ConfigError(msg)
     get_preset(job.model)  # an unknown preset (or tracker) is named before any data is read
     check_trackers(job.tracker)
+    if job.register:
+        mlflow_registry.enabled()  # MLFLOW_TRACKING_URI without mlflow installed: said now, not after training
     return dataclasses.replace(job, data=normal_url(job.data), out=normal_url(job.out))
 
 
@@ -273,8 +275,14 @@ def register_result(job: JobConfig, result: dict) -> dict:
     """Register a finished run's last checkpoint as `job.register`; returns {"ref", "registry"}."""
     reg = Registry(job.registry or None)
     metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    ref = reg.register(job.register, result["checkpoint"], card_extra={"preset": job.model, "metrics": metrics})
-    return {"ref": str(ref), "registry": reg.where}
+    extra: dict = {"preset": job.model, "metrics": metrics}
+    if mlflow_registry.enabled():  # MLflow's version first, so that the (immutable) card can name it
+        mirrored = mlflow_registry.register(job.register, result["checkpoint"], job.out)
+        extra["mlflow"] = {"uri": mirrored["uri"], "version": mirrored["version"]}
+    ref = reg.register(job.register, result["checkpoint"], card_extra=extra)
+    if "mlflow" in extra:
+        mlflow_registry.tag(reg.resolve(str(ref)))
+    return {"ref": str(ref), "registry": reg.where, **({"mlflow": extra["mlflow"]["uri"]} if "mlflow" in extra else {})}
 
 
 def resolve_parent(job: JobConfig, manifest: dict) -> dict | None:
