@@ -173,3 +173,35 @@ def tiny_encoders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("encoders")
     return {kind: str(build_tiny_encoder(kind, root / kind)) for kind in ("encoder", "t5", "decoder")}
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(s3_server):
+    """A fault-injecting HTTP proxy (tests/faultproxy.py) in front of the S3 server, for the session.
+
+    It passes everything through until a test calls `set(...)` or `outage(...)`. It outlives every
+    test, because Ray's worker processes keep the endpoint they were last handed.
+    """
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint, port=free_port()).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def s3_via_proxy(s3_server, fault_proxy, monkeypatch):
+    """Like `s3`, but the endpoint is the fault proxy (the jobs hand it to their Ray workers).
+
+    Yields a fresh s3:// prefix; the proxy's faults are cleared before and after the test.
+    """
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
+    from t2i import storage
+
+    fault_proxy.clear()
+    storage.reset()
+    yield f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"
+    fault_proxy.clear()
+    storage.reset()

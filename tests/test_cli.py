@@ -72,7 +72,8 @@ def test_model_not_in_registry(tmp_path):
 
 def test_unreachable_s3_endpoint(tmp_path):
     port = free_port()  # nothing listens there
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "SECRETVALUE123"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "SECRETVALUE123", "T2I_S3_MAX_ATTEMPTS": "2"}  # the bound, not its default
     r = t2i("embed", "--data", "s3://bucket/shards", "--out", str(tmp_path / "emb"), env=env)
     assert_one_line_error(r, "s3://bucket/shards", f"127.0.0.1:{port}")
     assert "SECRETVALUE123" not in r.stderr + r.stdout

@@ -594,7 +594,7 @@ def test_a_second_train_on_a_run_in_use_stops_at_once(ray_cluster, tiny_encoders
         first.wait()
     Lease(run).acquire().release()  # its holder is gone: taken at once, no ttl to wait out
     record("a second train on a run directory in use", "once, while the first held it", "train, local",
-           f"refused in {refused:.1f} s with one line naming the holder; taken at once after the holder's SIGKILL",
+           f"refused in {refused:.2f} s with one line naming the holder; taken at once after the holder's SIGKILL",
            0, 0, "-", "the second run wrote nothing (lease before any write)")
 
 
