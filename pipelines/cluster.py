@@ -24,7 +24,7 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZ
 # instance role); a local cluster that `connect` starts inherits the driver's environment.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
                "HF_HOME", "TRANSFORMERS_VERBOSITY", "T2I_REGISTRY", "T2I_S3_CONNECT_TIMEOUT", "T2I_S3_READ_TIMEOUT",
-               "T2I_S3_MAX_ATTEMPTS", "T2I_S3_RETRY_SECONDS")
+               "T2I_S3_MAX_ATTEMPTS", "T2I_S3_RETRY_SECONDS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 
 
 def connect(address: str | None = None, log_to_driver: bool = False) -> bool:

@@ -8,7 +8,8 @@ whose tags name the t2i ref, and the t2i card records it as `mlflow: {"uri": "mo
 stays the source of truth (cards, digests, lineage); MLflow gets a copy to serve and browse.
 
 The files are logged to the run's own MLflow run when it was tracked with `--tracker mlflow`
-(its id is in RUN/trackers.json), else to a run of their own in the experiment "t2i-registry".
+(its id is in RUN/trackers.json), else to a run of their own in the experiment "t2i-registry" (a
+sqlite store keeps the files beside its database, see `t2i.train.trackers.use_experiment`).
 Nothing else goes to MLflow: no environment, and the tracking URI is not written to the card.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from t2i import checkpoint as ck
 from t2i import storage
 from t2i.errors import ConfigError
+from t2i.train.trackers import use_experiment
 
 ARTIFACTS = "t2i-model"
 
@@ -49,13 +51,12 @@ def register(name: str, checkpoint_url: str, run_url: str | None = None) -> dict
     import mlflow
 
     raw = ck.read_files(checkpoint_url, ck.WEIGHT_FILES)  # verified against the checkpoint's digests
-    client = mlflow.MlflowClient()
     run_id = _run_id(run_url)
     if run_id is None:
-        exp = client.get_experiment_by_name("t2i-registry") or client.get_experiment(
-            client.create_experiment("t2i-registry"))
-        run_id = client.create_run(exp.experiment_id, run_name=f"register {name}").info.run_id
-        client.set_terminated(run_id)
+        use_experiment(mlflow, name="t2i-registry")
+        with mlflow.start_run(run_name=f"register {name}") as run:
+            run_id = run.info.run_id
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         for fname, data in raw.items():
             (Path(tmp) / fname).write_bytes(data)

@@ -376,14 +376,17 @@ def restart_cost(run: str, attempt: int, redone: int | None = None) -> str:
     return text if redone is None else f"{text}; {redone} steps trained again"
 
 
-def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encoders, tmp_path):
+def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encoders, tmp_path, monkeypatch):
     """Bars 1-3 in two launches (Ray Train start-up is tens of seconds per fit here):
 
     launch A (a separate driver process) is SIGKILLed after its first checkpoint; launch B, the
     same command, resumes from a checkpoint (not step 0), loses a worker to SIGKILL at step ~30,
     restarts once from a checkpoint >= 20 with weights, EMA and optimizers restored, finishes at
     exactly step 60 with identical parameters on both ranks, keeps 2 checkpoints and registers.
+    TensorBoard and MLflow (sqlite) hold the run once, with metrics.jsonl's values; the registered
+    version and its `prod` alias are mirrored into MLflow's model registry.
     """
+    import mlflow
     import ray
 
     from pipelines.cli import main
@@ -398,7 +401,8 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
     manifest = make_embedded(data, tiny_encoders["encoder"])
     argv = ["train", "--data", data, "--model", "flow-debug", "--out", run, "--workers", "2", "--steps", "60",
             "--batch-size", "16", "--checkpoint-every", "10", "--log-every", "2", "--keep", "2",
-            "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard", "--key-log"]
+            "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard,mlflow", "--key-log"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # workers get it forwarded
     events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
 
     # Launch A: its own driver process on this cluster, killed after the first checkpoint.
@@ -486,8 +490,18 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
            "Ray Train restarted the group from the latest checkpoint", **counts,
            overhead=restart_cost(run, 2, killed[0] - b[1]["step"]), checked="key log per step")
 
+    # MLflow: one run for the run directory across both launches and the restart, the same values.
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    history = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")}
+    assert history == pytest.approx({step: rec["loss"] for step, rec in records.items()}, rel=1e-6)
+    assert main(["registry", "--registry", reg_url, "alias", "shapes-flow:1", "prod"]) == 0
+    mv = mlflow.MlflowClient().get_model_version_by_alias("shapes-flow", "prod")
+    assert str(mv.version) == "1" and mv.run_id == runs[0].info.run_id and mv.tags["t2i_ref"] == "shapes-flow:1"
+
     reg = Registry(reg_url)
     assert reg.versions("shapes-flow") == [1]
+    assert reg.resolve("shapes-flow@prod")["mlflow"]["uri"] == "models:/shapes-flow/1"
     model_cfg, net, card = reg.load("shapes-flow")
     assert card["dataset_digest"] == manifest["digest"] and card["step"] == 60
     final = load_checkpoint(kept[-1][1])

@@ -115,7 +115,7 @@ def make_job(config_file: str | None = None, sets: list[str] | tuple[str, ...] =
         if not ok:
             raise ConfigError(msg)
     get_preset(job.model)  # an unknown preset (or tracker) is named before any data is read
-    check_trackers(job.tracker)
+    check_trackers(job.tracker, job.out)
     if job.register:
         mlflow_registry.enabled()  # MLFLOW_TRACKING_URI without mlflow installed: said now, not after training
     return dataclasses.replace(job, data=normal_url(job.data), out=normal_url(job.out))

@@ -31,8 +31,12 @@ KNOWN = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 IDS = "trackers.json"
 
 
-def check_trackers(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Validate tracker names (before anything starts): unknown or not installed is one line."""
+def check_trackers(names: tuple[str, ...] | list[str], run_url: str = "") -> tuple[str, ...]:
+    """Validate tracker names (before anything starts): unknown or not installed is one line, as is
+    MLflow for an object-store run directory without MLFLOW_TRACKING_URI (no local file to default to)."""
+    if "mlflow" in names and run_url and not storage.is_local(run_url) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(f"--tracker mlflow: set MLFLOW_TRACKING_URI (a server or sqlite:///PATH); the run "
+                          f"directory {storage.describe(run_url)} is not a local path to keep mlflow.db in")
     for name in names:
         if name not in KNOWN:
             raise ConfigError(f"--tracker {name!r}: not one of {', '.join(KNOWN)}")
@@ -86,18 +90,31 @@ class TensorBoard:
         self.writer.close()
 
 
+def use_experiment(mlflow: Any, run_url: str | None = None, name: str = "t2i") -> None:
+    """Point `mlflow` at its store (MLFLOW_TRACKING_URI, else RUN/mlflow.db for a local run) and at
+    experiment `name`, or MLFLOW_EXPERIMENT_NAME's. A database file's artifacts go
+    beside it (mlflow-artifacts/), not under ./mlruns of whatever directory a worker runs in."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and run_url and storage.is_local(run_url):
+        uri = f"sqlite:///{Path(storage.split(run_url)[1]) / 'mlflow.db'}"
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name  # (mlflow sets MLFLOW_EXPERIMENT_ID itself)
+    if mlflow.get_experiment_by_name(name) is None:
+        db = uri[len("sqlite:///"):] if uri and uri.startswith("sqlite:///") else None
+        try:
+            mlflow.create_experiment(name, artifact_location=(Path(db).absolute().parent / "mlflow-artifacts").as_uri()
+                                     if db else None)
+        except mlflow.exceptions.MlflowException:  # another process made it first
+            pass
+    mlflow.set_experiment(name)
+
+
 class MLflow:
     def __init__(self, run_url: str, config: dict, step: int, ids: dict):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI") and storage.is_local(run_url):
-            root = Path(storage.split(run_url)[1])
-            mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-            # A database store puts artifacts under ./mlruns of whatever directory the job ran in;
-            # the run's own experiment keeps them in the run directory.
-            if mlflow.get_experiment_by_name("t2i") is None:
-                mlflow.create_experiment("t2i", artifact_location=(root / "mlflow-artifacts").as_uri())
-            mlflow.set_experiment("t2i")
+        use_experiment(mlflow, run_url)
         self.mlflow = mlflow
         if ids.get("mlflow"):
             self.run = mlflow.start_run(run_id=ids["mlflow"])
