@@ -99,3 +99,30 @@ def test_a_resumed_epoch_deals_exactly_the_rows_not_yet_trained(world_a, world_b
     trained = {keys[i] for r in rest for i in r[:len(r) // per_worker * per_worker]}
     before = {key for key in keys if seeds[key] in set(pos[0].seen.tolist())}
     assert not trained & before and trained | before == set(keys)  # none twice, none skipped
+
+
+def test_windows_shuffle_the_same_way_whatever_the_prefetch(ray_cluster):
+    """Seeded windows instead of Ray's local shuffle buffer: a rank's batches come in the same order
+    run after run, with or without prefetching, and each window holds the rows it would unshuffled."""
+    import ray
+    import ray.data
+
+    from pipelines.rank_blocks import EpochShards
+
+    n, block, world, window = 256, 16, 2, 32
+    ids = np.arange(n, dtype=np.int64)
+    blocks = [pa.table({"id": ids[i:i + block], "x": ids[i:i + block] * 10}) for i in range(0, n, block)]
+    ds = ray.data.from_arrow(blocks)
+    shuffled = EpochShards(seed=3, window=window).configure({"train": ds}, world_size=world)
+    plain = EpochShards(seed=3).configure({"train": ds}, world_size=world)
+
+    @ray.remote(num_cpus=0.25)
+    def consume(it, prefetch):
+        it.set_epoch(1)
+        return [x for b in it.iter_torch_batches(batch_size=8, prefetch_batches=prefetch) for x in b["id"].tolist()]
+
+    runs = [ray.get(consume.remote(shuffled[1]["train"], p)) for p in (0, 4, 4)]
+    assert runs[0] == runs[1] == runs[2]
+    order = ray.get(consume.remote(plain[1]["train"], 0))
+    assert runs[0] != order and len(order) == n // world
+    assert all(sorted(runs[0][i:i + window]) == sorted(order[i:i + window]) for i in range(0, len(order), window))
