@@ -28,7 +28,7 @@ OUT = REPO / "RELIABILITY.md"
 
 TESTS = (
     "tests/test_train_ray.py::test_train_s3_relaunch_worker_kill_and_register",
-    "tests/test_train_ray.py::test_streamed_resume_on_fewer_workers_trains_each_sample_once",
+    "tests/test_train_ray.py::test_resume_on_fewer_workers_trains_each_sample_once",
     "tests/test_train_ray.py::test_a_second_train_on_a_run_in_use_stops_at_once",
     "tests/test_train_ray.py::test_a_run_refuses_a_dataset_embedded_again_under_it",
     "tests/test_generate.py::test_two_generate_jobs_on_one_out_write_each_image_once",

@@ -6,10 +6,10 @@ rows from (seed, epoch, unit sizes, world) with `t2i.data.position.deal`, so an 
 exactly and a resume deals out only the rows its checkpoint has not trained, over any world size.
 `RankBlocks` serves a dataset held in the object store (`EpochShards` hands it to Ray Train);
 `RankParts` one too big for that, each rank reading its own parquet parts (sha256-checked, a few
-ahead on threads). Rows are shuffled in seeded windows (`shuffle_windows`), not by Ray's local
-buffer, whose draws depend on prefetch timing. Both are `DataIterator`s (`iter_torch_batches` works
-as usual) through its one abstract hook, `_to_ref_bundle_iterator`, which is private to Ray Data
-(tests/test_rank_blocks.py pins it to the Ray minor version).
+ahead on threads). Both are `DataIterator`s (`iter_torch_batches`, its prefetch and seeded local
+shuffle buffer work as usual, with batches kept in the dealt order) through its one abstract hook,
+`_to_ref_bundle_iterator`, which is private to Ray Data (tests/test_rank_blocks.py pins it to the
+Ray minor version).
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from ray.data.block import BlockAccessor
 from ray.data.iterator import DataIterator
 
 from t2i.data.embedded import SCHEMA, part_keys, read_parts_ahead, take_rows
-from t2i.data.position import deal, kept_rows, shuffle_windows
-from t2i.runtime import seed_from
+from t2i.data.position import deal, kept_rows
 
 
 def _entry(table: pa.Table) -> BlockEntry:
@@ -36,16 +35,14 @@ def _entry(table: pa.Table) -> BlockEntry:
 
 
 class _RankShard(DataIterator):
-    """One rank's rows of each epoch; subclasses say how a unit's table and keys are read."""
+    """One rank's rows of each epoch; subclasses say how a unit's rows and keys are read (`unit_name`)."""
 
-    unit_name = "units"
-
-    def __init__(self, sizes: list[int], schema: Any, rank: int, world: int, seed: int, context: Any, window: int):
-        # Batches in the dealt order: with prefetch threads Ray Data otherwise yields them as they are ready.
+    def __init__(self, sizes: list[int], schema: Any, rank: int, world: int, seed: int, context: Any):
+        # Batches in the dealt order (with prefetch threads Ray Data yields them as they are ready)
         self._context = copy.deepcopy(context)
         self._context.execution_options.preserve_order = True
         self.sizes, self._schema = [int(s) for s in sizes], schema
-        self.rank, self.world, self.seed, self.window = rank, world, seed, window
+        self.rank, self.world, self.seed = rank, world, seed
         self.epoch, self._exclude = 0, None
 
     def __repr__(self) -> str:
@@ -64,14 +61,14 @@ class _RankShard(DataIterator):
     def keys(self, unit: int) -> list[str]:
         raise NotImplementedError
 
-    def tables(self, pieces: list[tuple[int, np.ndarray]]) -> Iterator[pa.Table]:
+    def bundles(self, pieces: list[tuple[int, np.ndarray]]) -> Iterator[BlockEntry]:
         raise NotImplementedError
 
     def _to_ref_bundle_iterator(self):
-        pieces, seed = self.pieces(self.epoch, self._exclude), seed_from(self.seed, "window", self.epoch, self.rank)
+        pieces = self.pieces(self.epoch, self._exclude)
         self.epoch, self._exclude = self.epoch + 1, None
-        tables = shuffle_windows(self.tables(pieces), self.window, seed) if self.window > 1 else self.tables(pieces)
-        return (RefBundle((_entry(t),), schema=self._schema, owns_blocks=False) for t in tables), None, None
+        out = (RefBundle((e,), schema=self._schema, owns_blocks=False) for e in self.bundles(pieces))
+        return out, None, None
 
     def stats(self) -> str:
         return repr(self)
@@ -79,7 +76,7 @@ class _RankShard(DataIterator):
     def schema(self):
         return self._schema
 
-    def get_context(self):
+    def get_context(self):  # (DataIterator's abstract hooks, with `_to_ref_bundle_iterator`)
         return self._context
 
     def _get_dataset_tag(self) -> dict:
@@ -91,17 +88,19 @@ class RankBlocks(_RankShard):
 
     unit_name = "blocks"
 
-    def __init__(self, entries: list, schema: Any, rank: int, world: int, seed: int, context: Any, window: int):
-        super().__init__([int(e.metadata.num_rows) for e in entries], schema, rank, world, seed, context, window)
+    def __init__(self, entries: list, schema: Any, rank: int, world: int, seed: int, context: Any):
+        super().__init__([int(e.metadata.num_rows) for e in entries], schema, rank, world, seed, context)
         self._entries = entries
 
-    def keys(self, unit: int) -> list[str]:
-        # Only on the first epoch after a resume; the blocks are on this node or one fetch away.
+    def keys(self, unit: int) -> list[str]:  # (only for the first epoch after a resume)
         return ray.get(self._entries[unit].ref).column("key").to_pylist()
 
-    def tables(self, pieces):
-        for b, idx in pieces:  # a block fetched from this node's object store is not copied
-            yield take_rows(ray.get(self._entries[b].ref), idx)
+    def bundles(self, pieces):
+        for b, idx in pieces:
+            if len(idx) == self.sizes[b]:
+                yield self._entries[b]
+            else:  # Ray Data's batcher reads whole blocks (it ignores RefBundle slices): cut here
+                yield _entry(take_rows(ray.get(self._entries[b].ref), idx))
 
 
 class RankParts(_RankShard):
@@ -109,24 +108,23 @@ class RankParts(_RankShard):
 
     unit_name = "parts"
 
-    def __init__(self, data_url: str, parts: list[dict], rank: int, world: int, seed: int, window: int, ahead: int = 2):
-        super().__init__([p["rows"] for p in parts], SCHEMA, rank, world, seed, ray.data.DataContext.get_current(),
-                         window)
+    def __init__(self, data_url: str, parts: list[dict], rank: int, world: int, seed: int, ahead: int = 2):
+        super().__init__([p["rows"] for p in parts], SCHEMA, rank, world, seed, ray.data.DataContext.get_current())
         self.data_url, self.parts, self.ahead = data_url, parts, max(1, ahead)
 
     def keys(self, unit: int) -> list[str]:
         return part_keys(self.data_url, self.parts[unit])
 
-    def tables(self, pieces):
-        return read_parts_ahead(self.data_url, [(self.parts[b], idx) for b, idx in pieces], self.ahead)
+    def bundles(self, pieces):
+        return map(_entry, read_parts_ahead(self.data_url, [(self.parts[b], idx) for b, idx in pieces], self.ahead))
 
 
 class EpochShards(ray.train.DataConfig):
     """A `DataConfig` giving each rank `RankBlocks` of the named in-object-store datasets."""
 
-    def __init__(self, seed: int, window: int = 0, names: tuple[str, ...] = ("train",)):
+    def __init__(self, seed: int, names: tuple[str, ...] = ("train",)):
         super().__init__()
-        self.seed, self.window, self.names = int(seed), int(window), tuple(names)
+        self.seed, self.names = int(seed), tuple(names)
 
     def configure(self, datasets: dict, world_size: int, worker_handles=None, worker_node_ids=None,
                   **kwargs) -> list[dict]:
@@ -140,5 +138,5 @@ class EpochShards(ray.train.DataConfig):
             entries = [e for b in bundles for e in b.blocks]
             schema = next((b.schema for b in bundles if b.schema is not None), None)
             for rank in range(world_size):
-                out[rank][name] = RankBlocks(entries, schema, rank, world_size, self.seed, ds.context, self.window)
+                out[rank][name] = RankBlocks(entries, schema, rank, world_size, self.seed, ds.context)
         return out

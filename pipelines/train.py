@@ -40,7 +40,7 @@ from t2i.data.embedded import decode_rows, read_manifest, read_part
 from t2i.errors import T2IError
 from t2i.families import config_from_dict, make_state
 from t2i.lease import Lease
-from t2i.runtime import setup_runtime
+from t2i.runtime import seed_from, setup_runtime
 from t2i.train.distributed import gather, param_digest, wrap_ddp
 from t2i.train.loop import Hooks, Meter, fit
 from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
@@ -139,7 +139,7 @@ def train_func(cfg: dict) -> dict:
     ready = time.time()
     tc = state.train_cfg
     per_worker = tc.batch_size // w.world
-    shard = (RankParts(cfg["data_url"], cfg["parts"], w.rank, w.world, tc.seed, cfg["window"]) if cfg["parts"]
+    shard = (RankParts(cfg["data_url"], cfg["parts"], w.rank, w.world, tc.seed) if cfg["parts"]
              else ray.train.get_dataset_shard("train"))
     collate = Collate(cfg["resolution"], cfg["dim"], tc.seed, runtime.device.type == "cuda")
     meter, first = Meter(), [True]
@@ -167,7 +167,9 @@ def train_func(cfg: dict) -> dict:
     while state.step < tc.steps:
         shard.set_epoch(w.pos.epoch, w.pos.exclude())  # a resumed epoch leaves out what it trained
         batches = shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, collate_fn=collate, prefetch_batches=cfg["prefetch_batches"])
+            batch_size=per_worker, drop_last=True, collate_fn=collate, prefetch_batches=cfg["prefetch_batches"],
+            local_shuffle_buffer_size=cfg["shuffle_buffer"] or 8 * per_worker,
+            local_shuffle_seed=seed_from(tc.seed, w.epoch) % 2**32)
         before = state.step
         if fit(state, trained(batches), hooks, meter) == "exhausted":
             if state.step == before and not w.pos.resumed:  # (a resumed epoch may have nothing left)
@@ -229,12 +231,11 @@ def fit_job(job: JobConfig, launched: float) -> dict:
     cpus, threads = worker_resources(job, float(ray.cluster_resources().get("CPU", 1.0)))
     use_gpu = job.gpus_per_worker > 0
     data = dataset(job, manifest, train_cfg)
-    window = job.shuffle_buffer or 8 * (train_cfg.batch_size // job.workers)  # rows shuffled together per rank
     cfg = {
         "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
         "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
         "resolution": int(manifest["image"]["resolution"]), "dim": int(manifest["encoder"]["dim"]),
-        "threads": threads, "precision": job.precision, "window": window,
+        "threads": threads, "precision": job.precision, "shuffle_buffer": job.shuffle_buffer,
         "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
         "launched": launched, "fit_called": time.time(), "parent": parent,
         "trackers": job.tracker, "config": run_config, "key_log": job.key_log,
@@ -252,7 +253,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
             worker_runtime_env={"env_vars": forwarded_env()}),
-        datasets={"train": data} if data is not None else None, dataset_config=EpochShards(train_cfg.seed, window))
+        datasets={"train": data} if data is not None else None, dataset_config=EpochShards(train_cfg.seed))
     progress = Progress(job.out, train_cfg.steps)
     progress.start()
     try:

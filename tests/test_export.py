@@ -134,8 +134,10 @@ print("REPORT " + json.dumps(report))
 
 
 @pytest.fixture(scope="module")
-def diffusers_side(registry, exported, tmp_path_factory):
-    """{model: (inputs, outputs)} from DIFFUSERS_SIDE, plus its report."""
+def diffusers_side(registry, exported, tmp_path_factory, tiny_encoders):
+    """{model: (inputs, outputs)} from DIFFUSERS_SIDE, plus its report. While diffusers loads the
+    folders, the registry and the original encoder directories are moved away: the folders alone
+    must do."""
     root = tmp_path_factory.mktemp("diffusers-side")
     jobs, inputs = [], {}
     for m in MODELS:
@@ -146,8 +148,15 @@ def diffusers_side(registry, exported, tmp_path_factory):
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root / "hf"),
                 "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",  # no network either
                 "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"})
-    r = subprocess.run([sys.executable, "-c", DIFFUSERS_SIDE, json.dumps(jobs), json.dumps([PROMPTS, SEEDS, IDS])],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    away = [Path(registry), *(Path(p) for p in tiny_encoders.values())]
+    for p in away:
+        p.rename(p.with_name(p.name + ".away"))
+    try:
+        r = subprocess.run([sys.executable, "-c", DIFFUSERS_SIDE, json.dumps(jobs), json.dumps([PROMPTS, SEEDS, IDS])],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for p in away:
+            p.with_name(p.name + ".away").rename(p)
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads(r.stdout.split("REPORT ", 1)[1])
     return {m: (inputs[m], load_file(str(root / f"{m}-out.safetensors"))) for m in MODELS}, report

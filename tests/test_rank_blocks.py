@@ -101,28 +101,27 @@ def test_a_resumed_epoch_deals_exactly_the_rows_not_yet_trained(world_a, world_b
     assert not trained & before and trained | before == set(keys)  # none twice, none skipped
 
 
-def test_windows_shuffle_the_same_way_whatever_the_prefetch(ray_cluster):
-    """Seeded windows instead of Ray's local shuffle buffer: a rank's batches come in the same order
-    run after run, with or without prefetching, and each window holds the rows it would unshuffled."""
+def test_batches_come_in_the_same_order_whatever_the_prefetch(ray_cluster):
+    """A rank's batches, through the seeded local shuffle buffer, come in the same order run after run,
+    with or without prefetch threads (Ray Data keeps the dealt order: preserve_order)."""
     import ray
     import ray.data
 
     from pipelines.rank_blocks import EpochShards
 
-    n, block, world, window = 256, 16, 2, 32
+    n, block, world = 1024, 16, 2
     ids = np.arange(n, dtype=np.int64)
     blocks = [pa.table({"id": ids[i:i + block], "x": ids[i:i + block] * 10}) for i in range(0, n, block)]
-    ds = ray.data.from_arrow(blocks)
-    shuffled = EpochShards(seed=3, window=window).configure({"train": ds}, world_size=world)
-    plain = EpochShards(seed=3).configure({"train": ds}, world_size=world)
+    shards = EpochShards(seed=3).configure({"train": ray.data.from_arrow(blocks)}, world_size=world)
 
     @ray.remote(num_cpus=0.25)
-    def consume(it, prefetch):
+    def consume(it, prefetch, buffer):
         it.set_epoch(1)
-        return [x for b in it.iter_torch_batches(batch_size=8, prefetch_batches=prefetch) for x in b["id"].tolist()]
+        batches = it.iter_torch_batches(batch_size=8, prefetch_batches=prefetch, local_shuffle_buffer_size=buffer,
+                                        local_shuffle_seed=5)
+        return [x for b in batches for x in b["id"].tolist()]
 
-    runs = [ray.get(consume.remote(shuffled[1]["train"], p)) for p in (0, 4, 4)]
-    assert runs[0] == runs[1] == runs[2]
-    order = ray.get(consume.remote(plain[1]["train"], 0))
-    assert runs[0] != order and len(order) == n // world
-    assert all(sorted(runs[0][i:i + window]) == sorted(order[i:i + window]) for i in range(0, len(order), window))
+    runs = [ray.get(consume.remote(shards[1]["train"], p, 64)) for p in (0, 4, 2, 8)]
+    assert all(r == runs[0] for r in runs[1:])
+    order = ray.get(consume.remote(shards[1]["train"], 4, None))
+    assert runs[0] != order and sorted(runs[0]) == sorted(order) and len(order) == n // world

@@ -547,15 +547,16 @@ def test_fine_tune_from_a_registered_model_starts_at_its_loss(ray_cluster, tiny_
         train(other, "flow-debug", str(tmp_path / "run-c"), steps=2, init_from="base", **opts)
 
 
-def test_streamed_resume_on_fewer_workers_trains_each_sample_once(ray_cluster, s3, tiny_encoders, tmp_path):
-    """A streamed dataset (each rank reads its own parts): 2 workers stop mid-epoch at step 10, the
-    run is relaunched on 1 worker, which is SIGKILLed past step 24 and restarts from its checkpoint;
-    the key log shows every epoch trained each sample exactly once."""
+@pytest.mark.parametrize("mode", ["streamed", "held"])
+def test_resume_on_fewer_workers_trains_each_sample_once(mode, ray_cluster, s3, tiny_encoders, tmp_path):
+    """Streamed (each rank reads its own parts) and held (blocks in the object store): 2 workers stop
+    mid-epoch at step 10, the run is relaunched on 1 worker, which is SIGKILLed past step 24 and
+    restarts from its checkpoint; the key log shows every epoch trained each sample exactly once."""
     from pipelines.train import train
 
-    data, run = f"{s3}/streamed", f"{s3}/runs/streamed"
+    data, run = f"{s3}/{mode}", f"{s3}/runs/{mode}"
     make_embedded(data, tiny_encoders["encoder"], num=128, parts=3)
-    opts = dict(batch_size=16, checkpoint_every=5, log_every=1, data_mode="streamed", key_log=True)
+    opts = dict(batch_size=16, checkpoint_every=5, log_every=1, data_mode=mode, key_log=True)
     first = train(data, "flow-debug", run, workers=2, steps=10, **opts)
     assert first["step"] == 10
     seen = json.loads(storage.read_bytes(storage.url_join(run, "checkpoints", "step_000010", "meta.json")))
@@ -573,9 +574,9 @@ def test_streamed_resume_on_fewer_workers_trains_each_sample_once(ray_cluster, s
     assert [e["world"] for e in starts] == [2, 1, 1] and starts[1]["step"] == 10 and starts[2]["step"] >= 20
     counts = exact_epochs(run, [f"s{i:05d}" for i in range(128)], steps=36, world=[1, 2], batch=16)
     record("worker count changed on resume (2 -> 1)", "stopped mid-epoch at step 10, relaunched on 1 worker",
-           "train, streamed data, S3", "the rest of the epoch dealt to 1 worker", **counts,
+           f"train, {mode} data, S3", "the rest of the epoch dealt to 1 worker", **counts,
            overhead=restart_cost(run, 1), checked="key log per step")
-    record("worker SIGKILL", f"once, at step {killed[0]}", "train, 1 worker, streamed data, S3",
+    record("worker SIGKILL", f"once, at step {killed[0]}", f"train, 1 worker, {mode} data, S3",
            "Ray Train restarted the worker from the latest checkpoint", **counts,
            overhead=restart_cost(run, 2, killed[0] - starts[2]["step"]), checked="key log per step")
 

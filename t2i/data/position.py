@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from t2i import storage
 from t2i.data.batching import sample_seeds
@@ -163,32 +162,3 @@ def seeds_by_key(keys: Iterable[str], run_seed: int) -> dict[int, str]:
     return {int(s): k for s, k in zip(sample_seeds(keys, run_seed).tolist(), keys)}
 
 
-
-def shuffle_windows(tables: Iterable[pa.Table], window: int, seed: int) -> Iterator[pa.Table]:
-    """The rows of `tables`, in order, cut into windows of `window` rows, each window's rows in a
-    seeded random order (the last window may be short).
-
-    This is a local shuffle buffer whose output depends on the rows and the seed alone: Ray Data's
-    own buffer draws from whatever rows have arrived, so with prefetching the order (and so the
-    trained weights) varies from run to run. With the epoch's block permutation before it, a row
-    moves anywhere within its rank's shard at block scale and anywhere within its window.
-    """
-    buf: list[pa.Table] = []
-    have, n = 0, 0
-    for table in tables:
-        start = 0
-        while start < table.num_rows:
-            take = min(window - have, table.num_rows - start)
-            buf.append(table.slice(start, take))
-            start, have = start + take, have + take
-            if have == window:
-                yield _permuted(buf, seed, n)
-                buf, have, n = [], 0, n + 1
-    if have:
-        yield _permuted(buf, seed, n)
-
-
-def _permuted(parts: list[pa.Table], seed: int, n: int) -> pa.Table:
-    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    order = np.random.default_rng([seed % 2**63, n]).permutation(table.num_rows)
-    return table.take(pa.array(order))
