@@ -13,6 +13,7 @@ Ray minor version).
 """
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Any, Iterator
 
@@ -45,10 +46,6 @@ class _RankShard(DataIterator):
         self.rank, self.world, self.seed = rank, world, seed
         self.epoch, self._exclude = 0, None
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(rank {self.rank} of {self.world}, {len(self.sizes)} {self.unit_name}, "
-                f"epoch {self.epoch})")
-
     def set_epoch(self, epoch: int, exclude: np.ndarray | None = None) -> None:
         """The next iteration is epoch `epoch`, without the rows whose sample seeds are in `exclude`."""
         self.epoch, self._exclude = int(epoch), exclude
@@ -58,11 +55,13 @@ class _RankShard(DataIterator):
                                              for u in range(len(self.sizes))]
         return deal(self.sizes, self.seed, epoch, self.world, kept)[self.rank]
 
+    @abc.abstractmethod
     def keys(self, unit: int) -> list[str]:
-        raise NotImplementedError
+        """A unit's sample keys, in row order."""
 
+    @abc.abstractmethod
     def bundles(self, pieces: list[tuple[int, np.ndarray]]) -> Iterator[BlockEntry]:
-        raise NotImplementedError
+        """The block entries holding `pieces` (unit, row indices), in order."""
 
     def _to_ref_bundle_iterator(self):
         pieces = self.pieces(self.epoch, self._exclude)
@@ -71,7 +70,7 @@ class _RankShard(DataIterator):
         return out, None, None
 
     def stats(self) -> str:
-        return repr(self)
+        return f"{self.unit_name} of rank {self.rank}/{self.world}: {len(self.sizes)}, epoch {self.epoch}"
 
     def schema(self):
         return self._schema
