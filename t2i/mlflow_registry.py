@@ -40,6 +40,16 @@ def enabled() -> bool:
     return True
 
 
+def _client():
+    """A client of MLFLOW_TRACKING_URI's store: mlflow.set_tracking_uri, which the trackers call,
+    is process-wide and would otherwise win over the variable."""
+    import mlflow
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _run_id(run_url: str | None) -> str | None:
     url = storage.url_join(run_url, "trackers.json") if run_url else ""
     return json.loads(storage.read_text(url)).get("mlflow") if url and storage.exists(url) else None
@@ -51,12 +61,11 @@ def register(name: str, checkpoint_url: str, run_url: str | None = None) -> dict
     import mlflow
 
     raw = ck.read_files(checkpoint_url, ck.WEIGHT_FILES)  # verified against the checkpoint's digests
-    run_id = _run_id(run_url)
+    client, run_id = _client(), _run_id(run_url)
     if run_id is None:
         use_experiment(mlflow, name="t2i-registry")
         with mlflow.start_run(run_name=f"register {name}") as run:
             run_id = run.info.run_id
-    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         for fname, data in raw.items():
             (Path(tmp) / fname).write_bytes(data)
@@ -69,10 +78,8 @@ def register(name: str, checkpoint_url: str, run_url: str | None = None) -> dict
 
 def tag(card: dict) -> None:
     """Name the t2i ref and weights digest on the MLflow version a card records."""
-    import mlflow
-
     m = card.get("mlflow") or {}
-    client = mlflow.MlflowClient()
+    client = _client()
     client.set_model_version_tag(card["name"], str(m["version"]), "t2i_ref", card["ref"])
     client.set_model_version_tag(card["name"], str(m["version"]), "ema_sha256",
                                  (card.get("files") or {}).get(ck.EMA, {}).get("sha256", ""))
@@ -81,10 +88,8 @@ def tag(card: dict) -> None:
 def alias(card: dict, name: str) -> str | None:
     """Point MLflow alias `name` at the version mirroring `card`; returns its models:/ URI (None when
     the card was registered without mirroring)."""
-    import mlflow
-
     m = card.get("mlflow") or {}
     if not m.get("version"):
         return None
-    mlflow.MlflowClient().set_registered_model_alias(card["name"], name, str(m["version"]))
+    _client().set_registered_model_alias(card["name"], name, str(m["version"]))
     return f"models:/{card['name']}@{name}"

@@ -403,6 +403,7 @@ def test_train_s3_relaunch_worker_kill_and_register(ray_cluster, s3, tiny_encode
             "--batch-size", "16", "--checkpoint-every", "10", "--log-every", "2", "--keep", "2",
             "--register", "shapes-flow", "--registry", reg_url, "--tracker", "tensorboard,mlflow", "--key-log"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # workers get it forwarded
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # process-wide: an earlier test may have set another
     events_url, metrics_url = storage.url_join(run, "events.jsonl"), storage.url_join(run, "metrics.jsonl")
 
     # Launch A: its own driver process on this cluster, killed after the first checkpoint.
