@@ -31,9 +31,10 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
           hidden_layer: int = -1, prefix: str = "", resolution: int = 64, max_tokens: int = 64,
           batch_size: int = 64, min_size: int = 0, encoders: int | None = None,
           encoder_threads: int | None = None, rows_per_part: int | None = None, overwrite: bool = False,
-          address: str | None = None) -> dict:
+          address: str | None = None, progress_every: float = 10.0) -> dict:
     """Embed the shards at `data` into an embedded dataset at `out` (see `add_arguments` for each
-    option). Returns {"manifest", "out", "shards", "seconds" (job time, Ray start-up excluded)}."""
+    option; a progress line every `progress_every` s). Returns {"manifest", "out", "shards",
+    "seconds" (job time, Ray start-up excluded)}."""
     job.check_options(resolution=resolution, max_tokens=max_tokens, batch_size=batch_size)
     urls = expand_shards(data)  # raises, naming the URL, when there are none
     job.prepare_out(out, overwrite)
@@ -59,12 +60,15 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
                             compute=ray.data.ActorPoolStrategy(size=plan["encoders"]), **plan["actor"])
         ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=out), batch_format="pyarrow",
                             batch_size=job.rows_per_part(resolution, rows_per_part), num_cpus=plan["task_cpus"])
-        acc, counters = job.Accumulator(urls), EmbedMetrics(storage.describe(out))
+        acc, counters, last = job.Accumulator(urls), EmbedMetrics(storage.describe(out)), time.perf_counter()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for summary in job.read_summaries(batch):
                     acc.add(summary)
                     counters.add(summary)
+                if time.perf_counter() - last >= progress_every:
+                    last = time.perf_counter()
+                    log.info(acc.progress_line(last - t_ready))
         except Exception as e:
             err = cluster.user_error(e)
             if err is None:
@@ -101,6 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing embedded dataset at --out")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--progress-every", type=float, metavar="S", help="seconds between progress lines (default: 10)")
 
 
 # Each option's dest is the keyword of `embed` with the same name; job files are checked against JOB.

@@ -15,12 +15,9 @@ import inspect
 import logging
 import math
 import os
+import sys
 import time
 
-import ray
-
-from pipelines import cluster
-from pipelines.metrics import GenerateMetrics
 from t2i import generate as gen
 from t2i import storage
 from t2i.config import job_kwargs, signature_config
@@ -43,8 +40,10 @@ def generate(model: str, prompts: str, out: str, *, registry: str | None = None,
     job = gen.prepare(model, prompts, out, registry=registry, steps=steps, guidance=guidance, seed=seed,
                       per_prompt=per_prompt)
     results, job_s = [], 0.0
-    # A cluster is in play when named, or already connected (the demo, a notebook).
-    cluster_named = bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    # A cluster is in play when named, or already connected (the demo, a notebook). Ray is imported
+    # only when it runs the job: the import alone costs about a second of a one-prompt job's 2-3 s.
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    cluster_named = bool(address or os.environ.get("RAY_ADDRESS")) or ray_up
     if job.todo and gen.runs_here(local, cluster_named, len(job.todo)):
         log.info("generate: %d prompt(s) in this process (no Ray)", len(job.todo))
         t0 = time.perf_counter()
@@ -52,6 +51,10 @@ def generate(model: str, prompts: str, out: str, *, registry: str | None = None,
         results = gen.local_maker(batch_size, threads=1)(job)
         job_s = time.perf_counter() - t0
     elif job.todo:
+        import ray
+
+        from pipelines import cluster
+
         started = cluster.connect(address)
         try:
             plan = gen.plan_actors(ray.cluster_resources(), actors)
@@ -113,12 +116,19 @@ class RayImageMaker(gen.ImageMaker):
     """The actor: takes the driver's forwarded environment before it loads anything."""
 
     def __init__(self, env: dict, **kwargs):
+        from pipelines import cluster
+
         cluster.apply_env(env)
         super().__init__(**kwargs)
 
 
 def run_job(job: gen.Job, batch_size: int, plan: dict, progress_every: float = 10.0) -> list[dict]:
     """The Ray Data job over job.todo rows {id, prompt, seed}; returns the actors' result rows."""
+    import ray
+
+    from pipelines import cluster
+    from pipelines.metrics import GenerateMetrics
+
     rows = job.todo
     kwargs = {**job.maker_kwargs(), "threads": plan["threads"], "device": plan["device"],
               "env": cluster.forwarded_env()}

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import time
-import uuid
 import warnings
 from typing import Any
 
@@ -33,10 +31,10 @@ from pipelines.cluster import connect, forwarded_env, quiet_train_reports, user_
 from pipelines.metrics import TrainMetrics
 from pipelines.rank_blocks import EpochShards, RankParts
 from t2i import storage
-from t2i.checkpoint import prune
-from t2i.config import TrainConfig, from_dict, to_dict
+from t2i.checkpoint import prune, step_of
+from t2i.config import TrainConfig, from_dict
 from t2i.data.batching import rows_to_batch
-from t2i.data.embedded import decode_rows, read_manifest, read_part
+from t2i.data.embedded import TRAIN_COLUMNS, decode_rows, held_bytes, read_manifest, read_part
 from t2i.errors import T2IError
 from t2i.families import config_from_dict, make_state
 from t2i.lease import Lease
@@ -48,20 +46,16 @@ from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
     JobConfig,
     Run,
     add_arguments,
-    dataset_prompts,
     make_job,
     register_result,
     resolve_model,
-    resolve_parent,
     summary_lines,
+    worker_config,
     worker_resources,
-    write_run_config,
 )
 from t2i.train.runlog import Progress
 
 log = logging.getLogger("t2i.train")
-
-COLUMNS = ("key", "caption", "image", "text_tokens", "text_len", "text_pooled")  # not `source`
 
 
 def train(data: str | None = None, model: str | None = None, out: str | None = None, *, config: str | None = None,
@@ -110,8 +104,7 @@ def report(run: Run, ctx: Any, metrics: dict, step: int) -> None:
 def tracked_step() -> int:
     """The step of Ray Train's latest reported checkpoint (-1: none)."""
     ck = ray.train.get_checkpoint()
-    m = re.match(r"^step_(\d+)$", ck.path.rstrip("/").rsplit("/", 1)[-1]) if ck is not None else None
-    return int(m.group(1)) if m else -1
+    return -1 if ck is None else step_of(ck.path)
 
 
 def train_func(cfg: dict) -> dict:
@@ -200,16 +193,14 @@ def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> Any:
     local shuffle buffer of each worker mixes within its shard. `data_mode` auto holds a dataset
     that fits in a quarter of the object store.
     """
-    res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
-    rows = int(manifest["counts"]["kept"])
-    size = rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * int(manifest["text"]["real_tokens"])
+    size = held_bytes(manifest)
     fits = size <= float(ray.cluster_resources().get("object_store_memory", 0)) * 0.25
     if job.data_mode == "streamed" or (job.data_mode == "auto" and not fits):
         log.info("train: streaming the dataset (%.1f MB), each worker reads its own parts", size / 2**20)
         return None
     log.info("train: holding the dataset in the object store (%.1f MB)", size / 2**20)
     block = max(16, train_cfg.batch_size // job.workers)
-    tables = [read_part(job.data, p, columns=list(COLUMNS)) for p in manifest["parts"]]
+    tables = [read_part(job.data, p, columns=list(TRAIN_COLUMNS)) for p in manifest["parts"]]
     return ray.data.from_arrow([t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)])
 
 
@@ -224,23 +215,12 @@ def fit_job(job: JobConfig, launched: float) -> dict:
     manifest = read_manifest(job.data)
     model_cfg, train_cfg = resolve_model(job, manifest)
     storage_path, name, fs = ray_storage(job.out)
-    run_config = write_run_config(job, model_cfg, train_cfg, manifest)
-    prompts = dataset_prompts(job, manifest)
-    parent = resolve_parent(job, manifest)
+    cfg = worker_config(job, manifest, model_cfg, train_cfg, launched)
     connect(job.address, log_to_driver=True)
     cpus, threads = worker_resources(job, float(ray.cluster_resources().get("CPU", 1.0)))
     use_gpu = job.gpus_per_worker > 0
     data = dataset(job, manifest, train_cfg)
-    cfg = {
-        "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
-        "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
-        "resolution": int(manifest["image"]["resolution"]), "dim": int(manifest["encoder"]["dim"]),
-        "threads": threads, "precision": job.precision, "shuffle_buffer": job.shuffle_buffer,
-        "prefetch_batches": job.prefetch_batches, "eval": prompts, "launch": uuid.uuid4().hex[:12],
-        "launched": launched, "fit_called": time.time(), "parent": parent,
-        "trackers": job.tracker, "config": run_config, "key_log": job.key_log,
-        "parts": None if data is not None else manifest["parts"],
-    }
+    cfg.update(threads=threads, fit_called=time.time(), parts=None if data is not None else manifest["parts"])
     log.info("train: %s on %s -> %s; %d workers x %g CPU%s, %d threads; %d steps of %d (global)",
              job.model, storage.describe(job.data), storage.describe(job.out), job.workers, cpus,
              f" + {job.gpus_per_worker:g} GPU" if use_gpu else "", threads, train_cfg.steps, train_cfg.batch_size)

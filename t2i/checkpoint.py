@@ -359,6 +359,12 @@ def load_weights(url: str, map_location: str | torch.device = "cpu"):
 # ----------------------------------------------------------------------------- run directories
 
 
+def step_of(checkpoint_url: str) -> int:
+    """The step in a checkpoint directory's name (`.../step_000120` -> 120); -1 for another name."""
+    m = _STEP_DIR.match(checkpoint_url.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(run_url: str, complete_only: bool = True) -> list[tuple[int, str]]:
     """(step, url) of the run's checkpoints, oldest first."""
     out = []

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -113,9 +115,9 @@ def embed_tiny(data: str, out: str, encoder: str, kind: str = "encoder", **kw) -
     return embed(data, out, encoder=encoder, encoder_kind=kind, resolution=RES, **kw)
 
 
-def _check_faults(root: str, out: str, encoder: str) -> dict:
+def _check_faults(root: str, out: str, encoder: str, **kw) -> dict:
     urls, expected = fault_shards(root)
-    r = embed_tiny(root, out, encoder)
+    r = embed_tiny(root, out, encoder, **kw)
     summary = summary_line(r["manifest"], r["shards"], r["seconds"], r["out"])
     m = E.read_manifest(out)
     assert r["manifest"] == m and r["shards"] == 4
@@ -147,8 +149,15 @@ def _check_faults(root: str, out: str, encoder: str) -> dict:
     return m
 
 
-def test_fault_accounting_local(ray_cluster, tiny_encoders, tmp_path):
-    m = _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"])
+def test_fault_accounting_local(ray_cluster, tiny_encoders, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="t2i.embed"):
+        m = _check_faults(str(tmp_path / "shards"), str(tmp_path / "out"), tiny_encoders["encoder"],
+                          progress_every=0)
+    # Progress lines (one per result batch here): counts so far, a percentage that only grows, an ETA.
+    lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    pct = [int(re.search(r"; (\d+)% ETA", x).group(1)) for x in lines]
+    assert lines and pct == sorted(pct) and pct[-1] == 100, lines
+    assert lines[-1].startswith(f"embed: {m['counts']['read']} samples read, {m['counts']['kept']} kept, ")
     # The same counts on Ray's metrics export (Prometheus format), by status and reason.
     tag = f"dataset={storage.describe(str(tmp_path / 'out'))}"
     want = {("ray_t2i_embed_samples_total", f"{tag},reason=,status=kept"): m["counts"]["kept"]}
@@ -248,10 +257,12 @@ def test_command_line_passes_every_flag_and_prints_one_line(monkeypatch, capsys)
     args = parser.parse_args(["--data", "d/", "--out", "s3://b/o", "--encoder", "enc", "--encoder-kind", "t5",
                               "--hidden-layer", "-2", "--prefix", "P: ", "--resolution", "24", "--max-tokens", "9",
                               "--batch-size", "5", "--min-size", "3", "--encoders", "2", "--encoder-threads", "1",
-                              "--rows-per-part", "7", "--overwrite", "--address", "auto"])
+                              "--rows-per-part", "7", "--overwrite", "--address", "auto",
+                              "--progress-every", "5"])
     assert embed_job.run(args) == 0
     assert seen == {"data": "d/", "out": "s3://b/o", "encoder": "enc", "encoder_kind": "t5", "hidden_layer": -2,
                     "prefix": "P: ", "resolution": 24, "max_tokens": 9, "batch_size": 5, "min_size": 3,
-                    "encoders": 2, "encoder_threads": 1, "rows_per_part": 7, "overwrite": True, "address": "auto"}
+                    "encoders": 2, "encoder_threads": 1, "rows_per_part": 7, "overwrite": True, "address": "auto",
+                    "progress_every": 5.0}
     assert capsys.readouterr().out == ("embed: 8 kept, 2 skipped (corrupt_image 2) of 10 samples from 3 shards in "
                                        "2.0 s (5 samples/s); 1 captions truncated -> s3://b/o\n")

@@ -305,6 +305,21 @@ def test_a_few_prompts_run_in_process_unless_a_cluster_is_in_play():
     assert gen.runs_here(True, True, 10_000) and not gen.runs_here(False, False, 1)
 
 
+def test_one_prompt_loads_neither_ray_nor_transformers(registry, tmp_path):
+    """What keeps one prompt within a few seconds (the time itself is benchmarks/first_image.py's):
+    the in-process path never imports Ray or transformers' modeling stack (about 3 s together)."""
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    code = ("import sys; from pipelines.cli import main; "
+            f"rc = main(['generate', '--model', 'gan', '--registry', {registry!r}, '--prompts', {str(prompts)!r}, "
+            f"'--out', {str(tmp_path / 'out')!r}]); "
+            "print(rc, sorted(m for m in ('ray', 'transformers', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines()[-1] == "0 ['torch']", proc.stdout + proc.stderr
+    assert list(images(str(tmp_path / "out"))) == ["000001.png"]
+
+
 def test_cli_local_and_ray_flags(registry, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(2))
     out = str(tmp_path / "out")

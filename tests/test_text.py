@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from t2i.config import EncoderSpec
 from t2i.errors import T2IError
@@ -35,7 +36,7 @@ def test_lengths_match_tokenizer_and_no_padding_kept(encoders, kind):
     enc = encoders[kind]
     caps = CAPTIONS if kind != "decoder" else CAPTIONS[:-1]  # a decoder has nothing to encode for ""
     out = enc.encode(caps)
-    tok = enc.tokenizer
+    tok = AutoTokenizer.from_pretrained(enc.path)  # transformers' count, whichever path encodes
     if kind == "decoder":
         # The tokenizer's own count of the caption's tokens; Qwen2 adds no BOS.
         full = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in caps]
@@ -105,10 +106,12 @@ def test_decoder_hidden_layer_and_spec(tiny_encoders):
 
 
 def test_tiny_encoders_reload_as_their_own_classes(tiny_encoders, tmp_path):
+    # BERTs run through t2i.text.bert (checked against BertModel below), the rest through transformers.
     classes = {k: (type(e.tokenizer).__name__, type(e.model).__name__) for k, e in
                ((k, TextEncoder(EncoderSpec(name=p, kind=k))) for k, p in tiny_encoders.items())}
+    assert type(AutoTokenizer.from_pretrained(tiny_encoders["encoder"])).__name__ == "BertTokenizer"
     assert classes == {
-        "encoder": ("BertTokenizer", "BertModel"),
+        "encoder": ("Tokenizer", "BertEncoder"),
         "t5": ("T5Tokenizer", "T5EncoderModel"),
         "decoder": ("Qwen2Tokenizer", "Qwen2Model"),
     }
@@ -191,3 +194,50 @@ def test_cuda_bf16_matches_cpu(minilm):
     assert a.lengths.tolist() == b.lengths.tolist() and gpu.spec == minilm.spec
     for p, q in zip(a.pooled, b.pooled):
         assert _cos(p, q) > 0.99
+
+
+@pytest.mark.parametrize("which", ["minilm", "tiny"])
+def test_bert_path_equals_transformers(which, tiny_encoders):
+    """t2i.text.bert (no transformers import) gives transformers' BertModel's ids and states exactly,
+    every layer, on real MiniLM weights and on the tiny BERT, padded batches and truncation included."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from t2i.text import bert
+
+    path = resolve_encoder_path("minilm") if which == "minilm" else resolve_encoder_path(tiny_encoders["encoder"])
+    assert bert.supports(path, bert.read_config(path))
+    ours_tok, ref_tok = bert.Tokenizer(path, bert.read_config(path)), AutoTokenizer.from_pretrained(path)
+    caps = CAPTIONS + ["ünïcödé café 東京 🎉", "x " * 600]
+    for kw in ({}, {"add_special_tokens": False}, {"truncation": True, "max_length": MAX_TOKENS}):
+        assert ours_tok(caps, **kw)["input_ids"] == ref_tok(caps, **kw)["input_ids"], kw
+    ids = [x[:40] for x in ref_tok(caps)["input_ids"]]
+    input_ids = torch.zeros(len(ids), 40, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    ref, ours = AutoModel.from_pretrained(path).eval(), bert.load(path).eval()
+    with torch.inference_mode():
+        for b in (slice(None), slice(0, 1)):  # padded batch; one caption, nothing padded
+            n = int(mask[b].sum(1).max())
+            want = ref(input_ids=input_ids[b, :n], attention_mask=mask[b, :n], output_hidden_states=True)
+            got = ours(input_ids[b, :n], mask[b, :n], output_hidden_states=True)
+            valid = mask[b, :n].bool()
+            assert len(got.hidden_states) == len(want.hidden_states) == ref.config.num_hidden_layers + 1
+            for w, g in zip(want.hidden_states, got.hidden_states):
+                assert torch.equal(w[valid], g[valid])
+    assert isinstance(TextEncoder(EncoderSpec(name=str(path))).model, bert.BertEncoder)
+
+
+def test_bert_missing_tensor_is_named(tmp_path, tiny_encoders):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "broken"
+    shutil.copytree(tiny_encoders["encoder"], path)
+    weights = load_file(path / "model.safetensors")
+    del weights[next(k for k in weights if k.endswith("attention.self.query.weight"))]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(T2IError, match=r"broken: cannot load .*has no layers\.0\.query\.weight"):
+        TextEncoder(EncoderSpec(name=str(path)))

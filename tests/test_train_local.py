@@ -315,7 +315,7 @@ def test_registering_mirrors_into_mlflow_model_registry(tmp_path, monkeypatch, c
     mv = client.get_model_version("shapes", "1")
     assert mv.run_id == json.loads((run_dir / "trackers.json").read_text())["mlflow"]  # the run's own
     assert mv.tags["t2i_ref"] == "shapes:1" and mv.tags["ema_sha256"] == card["files"]["ema.safetensors"]["sha256"]
-    files = mlflow.artifacts.download_artifacts(artifact_uri="models:/shapes/1", dst_path=str(tmp_path / "dl"))
+    mlflow.artifacts.download_artifacts(artifact_uri="models:/shapes/1", dst_path=str(tmp_path / "dl"))
     for name, want in card["files"].items():
         assert hashlib.sha256((tmp_path / "dl" / name).read_bytes()).hexdigest() == want["sha256"], name
 

