@@ -107,7 +107,7 @@ def _batch(cfg, B, L, device, pin):
 
 
 def bench_train(preset: str, batch: int, steps: int, warmup: int, rt, compile_: bool, text_len: int) -> dict:
-    from t2i.families import make_state, train_step
+    from t2i.families import compile_modules, make_state, train_step
 
     p = get_preset(preset)
     cfg = p.model
@@ -116,8 +116,7 @@ def bench_train(preset: str, batch: int, steps: int, warmup: int, rt, compile_: 
         for m in state.modules.values():
             m.to(memory_format=torch.channels_last)
     if compile_:
-        for k in state.modules:
-            state.modules[k] = torch.compile(state.modules[k])
+        compile_modules(state)  # what `t2i train --compile` compiles (not the GAN's D: double backward)
     b = _batch(cfg, batch, text_len, rt.device, pin=True)
     for _ in range(warmup):
         train_step(state, b)

@@ -36,10 +36,10 @@ from t2i.config import TrainConfig, from_dict
 from t2i.data.batching import rows_to_batch
 from t2i.data.embedded import TRAIN_COLUMNS, decode_rows, held_bytes, read_manifest, read_part
 from t2i.errors import T2IError
-from t2i.families import config_from_dict, make_state
+from t2i.families import compile_modules, config_from_dict, make_state
 from t2i.lease import Lease
 from t2i.runtime import seed_from, setup_runtime
-from t2i.train.distributed import gather, param_digest, wrap_ddp
+from t2i.train.distributed import gather, parallelize, param_digest
 from t2i.train.loop import Hooks, Meter, fit
 from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
     OPTIONS,
@@ -128,7 +128,9 @@ def train_func(cfg: dict) -> dict:
         # Ray Train did not record this checkpoint (its report was lost): hand it over, so that
         # its retention policy and later restarts see it.
         report(w, ctx, {"step": state.step}, state.step)
-    wrap_ddp(state)
+    parallelize(state, cfg["strategy"])
+    if cfg["compile"]:
+        compile_modules(state)
     ready = time.time()
     tc = state.train_cfg
     per_worker = tc.batch_size // w.world

@@ -35,7 +35,7 @@ from t2i import storage
 from t2i.config import to_dict
 from t2i.errors import ConfigError, IntegrityError, StorageError, T2IError
 from t2i.families import config_from_dict, family
-from t2i.train.state import state_tensors, unwrap
+from t2i.train.state import Snapshot, snapshot, state_tensors, unwrap
 
 FORMAT = 1
 MODEL, EMA, OPTIMIZER, CONFIG, META, DIGESTS = (
@@ -144,24 +144,26 @@ def _cfg_dict(cfg: Any) -> dict | None:
 
 
 def save_checkpoint(url: str, state, *, encoder_spec: Any = None, meta_extra: dict | None = None,
-                    seen: np.ndarray | None = None) -> dict:
+                    seen: np.ndarray | None = None, snap: Snapshot | None = None) -> dict:
     """Write `state` (a t2i.train.state.TrainState) as a checkpoint directory at `url`.
 
     `encoder_spec`: the EncoderSpec (or its dict) of the text features the model was trained on.
     `meta_extra`: JSON data merged into meta.json; the trainer passes e.g. `data_position`,
     `metrics`, `run_url`, `dataset_url`, `dataset_digest` (the registry copies the last four into
-    the model card). `seen`: the epoch's trained sample seeds (int64). Returns the digests
-    written. Call on one rank only.
+    the model card). `seen`: the epoch's trained sample seeds (int64). `snap`: the state's tensors
+    (`t2i.train.state.snapshot`), which every rank must take together when it is sharded; taken
+    here when not given. Returns the digests written. Call on one rank only.
     """
     extra = dict(meta_extra or {})
     clash = sorted(_RESERVED_META & set(extra))
     if clash:
         raise ValueError(f"meta_extra may not set {clash[0]!r}: the checkpoint records it itself")
-    groups = state_tensors(state)
+    snap = snap or snapshot(state)
+    groups = state_tensors(snap)
     model = {f"{g}.{k}": t for g, sd in groups.items() if g.startswith("model.") for k, t in sd.items()}
 
     opt_tensors: dict[str, torch.Tensor] = {}
-    opt_desc = {name: _encode(opt.state_dict(), name, opt_tensors) for name, opt in state.opts.items()}
+    opt_desc = {name: _encode(sd, name, opt_tensors) for name, sd in snap.opts.items()}
     files = {
         MODEL: _to_safetensors(model, {"format": str(FORMAT), "groups": json.dumps(sorted(state.modules))}),
         EMA: _to_safetensors(groups["ema"], {"format": str(FORMAT)}),

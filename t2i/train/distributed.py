@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from t2i.train.state import TrainState, unwrap
+from t2i.train.sharding import shard
+from t2i.train.state import Snapshot, TrainState, snapshot
 
 # ----------------------------------------------------------------------------- process group
 
@@ -41,6 +42,11 @@ def wrap_ddp(state: TrainState) -> TrainState:
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
         state.modules[name] = DDP(module, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
     return state
+
+
+def parallelize(state: TrainState, strategy: str = "ddp") -> TrainState:
+    """Data parallelism by `strategy`: "ddp" (`wrap_ddp`) or "fsdp" (`t2i.train.sharding.shard`)."""
+    return shard(state) if strategy == "fsdp" else wrap_ddp(state)
 
 
 def gather(obj: Any) -> list:
@@ -74,29 +80,30 @@ def _digest_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def _opt_tensors(opt: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
-    sd = opt.state_dict()
+def _opt_tensors(sd: dict) -> Iterator[tuple[str, torch.Tensor]]:
     for pid in sorted(sd["state"]):
         for k in sorted(sd["state"][pid]):
             v = sd["state"][pid][k]
             yield f"{pid}.{k}", v if torch.is_tensor(v) else torch.tensor(float(v))
 
 
+def _param_digest(modules: dict[str, dict[str, torch.Tensor]]) -> str:
+    return _digest_tensors((f"{name}.{k}", modules[name][k]) for name in sorted(modules) for k in sorted(modules[name]))
+
+
 def param_digest(state: TrainState) -> str:
-    """sha256 over every trained module's parameters and buffers (bare modules, sorted names)."""
-    items = []
-    for name in sorted(state.modules):
-        sd = unwrap(state.modules[name]).state_dict()
-        items += [(f"{name}.{k}", sd[k]) for k in sorted(sd)]
-    return _digest_tensors(items)
+    """sha256 over every trained module's parameters and buffers (whole tensors, sorted names).
+    Every rank calls it together (under FSDP it gathers the shards)."""
+    return _param_digest(snapshot(state).modules)
 
 
-def state_digests(state: TrainState) -> dict:
-    """Fingerprints of weights, EMA and each optimizer's state, plus the optimizers' step counts."""
-    ema = state.ema.state_dict()
-    out = {"params": param_digest(state), "ema": _digest_tensors((k, ema[k]) for k in sorted(ema))}
-    for name, opt in sorted(state.opts.items()):
-        out[f"opt.{name}"] = _digest_tensors(_opt_tensors(opt))
-        steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+def state_digests(state: TrainState, snap: Snapshot | None = None) -> dict:
+    """Fingerprints of weights, EMA and each optimizer's state, plus the optimizers' step counts,
+    from `snap` (`t2i.train.state.snapshot`; taken here when not given)."""
+    snap = snap or snapshot(state)
+    out = {"params": _param_digest(snap.modules), "ema": _digest_tensors((k, snap.ema[k]) for k in sorted(snap.ema))}
+    for name, sd in sorted(snap.opts.items()):
+        out[f"opt.{name}"] = _digest_tensors(_opt_tensors(sd))
+        steps = [float(s["step"]) for s in sd["state"].values() if "step" in s]
         out[f"opt.{name}.steps"] = int(max(steps)) if steps else 0
     return out

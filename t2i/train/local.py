@@ -27,7 +27,7 @@ from t2i.config import EncoderSpec, TrainConfig, parse_sets, replace, to_dict
 from t2i.data import shapes
 from t2i.data.batching import collate_features, sample_seeds
 from t2i.errors import ConfigError, T2IError
-from t2i.families import make_state
+from t2i.families import compile_modules, make_state
 from t2i.presets import get_preset
 from t2i.runtime import memory_mb, seed_from, setup_runtime
 from t2i.text import TextEncoder
@@ -93,7 +93,7 @@ def index_stream(n: int, batch_size: int, seed: int):
 def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: str, *,
                 prompts: EvalPrompts | None = None, max_seconds: float | None = None, device: str = "auto",
                 threads: int | None = None, encoder_spec: Any = None,
-                trackers: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
+                trackers: tuple[str, ...] = (), compile: bool = False) -> tuple[TrainState, dict]:
     """Train for train_cfg.steps (or until max_seconds) with the one training loop; write logs,
     grids and checkpoints (every `checkpoint_every` steps and at the end) into `out`.
 
@@ -105,6 +105,8 @@ def train_local(model_cfg: Any, train_cfg: TrainConfig, data: ArrayData, out: st
         raise ConfigError(f"model resolution {model_cfg.resolution} != data resolution {data.images.shape[1]}")
     rt = setup_runtime(device, threads)
     state = make_state(model_cfg, train_cfg, rt)
+    if compile:
+        compile_modules(state)
     enc = to_dict(encoder_spec) if dataclasses.is_dataclass(encoder_spec) else encoder_spec
     config = {"format": 1, "family": state.family, "model": to_dict(model_cfg), "train": to_dict(train_cfg),
               "encoder": enc}
@@ -181,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override any model./train. config key (repeatable)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's networks")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = replace(model_cfg, text_dim=encoder.dim)
     data, prompts = shapes_data(args.num, model_cfg.resolution, args.seed, encoder)
     _, summary = train_local(model_cfg, train_cfg, data, args.out, prompts=prompts, device=args.device,
-                             threads=args.threads, encoder_spec=encoder.spec,
+                             threads=args.threads, encoder_spec=encoder.spec, compile=args.compile,
                              max_seconds=None if args.minutes is None else args.minutes * 60)
     print(json.dumps(summary))
     return 0

@@ -136,12 +136,12 @@ class EvalPrompts:
 
 
 @torch.no_grad()
-def write_samples(state: TrainState, prompts: EvalPrompts, url: str) -> np.ndarray:
-    """A contact sheet of the EMA network on the eval prompts, one row per caption, written to
-    `url`; returns it (uint8 [H, W, 3]) for the trackers."""
+def write_samples(state: TrainState, prompts: EvalPrompts, url: str, net: torch.nn.Module | None = None) -> np.ndarray:
+    """A contact sheet of the EMA network (or `net`, e.g. a whole copy of a sharded EMA) on the
+    eval prompts, one row per caption, written to `url`; returns it (uint8 [H, W, 3]) for the trackers."""
     tokens, mask, pooled, seeds, ids = prompts.rows()
     dev = state.runtime.device
-    images = generate(state.ema, state.model_cfg, tokens.to(dev), mask.to(dev), pooled.to(dev), seeds, ids)
+    images = generate(net or state.ema, state.model_cfg, tokens.to(dev), mask.to(dev), pooled.to(dev), seeds, ids)
     sheet = contact_sheet(images.numpy(), ncol=prompts.per_prompt, scale=2, row_labels=prompts.captions)
     write_png(url, sheet)
     return sheet

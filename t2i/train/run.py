@@ -40,7 +40,8 @@ from t2i.text import TextEncoder
 from t2i.train.distributed import broadcast, gather, state_digests
 from t2i.train.loop import EvalPrompts, write_samples
 from t2i.train.runlog import RunFiles
-from t2i.train.state import TrainState, unwrap
+from t2i.train.sharding import STRATEGIES, check_strategy, is_sharded
+from t2i.train.state import Snapshot, TrainState, snapshot, unwrap
 from t2i.train.trackers import Trackers, check_trackers
 
 log = logging.getLogger("t2i.train")
@@ -72,6 +73,8 @@ class JobConfig:
     tracker: tuple[str, ...] = ()  # tensorboard, mlflow, wandb
     data_mode: str = "auto"  # held (in Ray's object store) | streamed (each rank reads its parts) | auto: by size
     key_log: bool = False  # write every step's sample seeds under RUN/keys/ (an audit of exact data accounting)
+    strategy: str = "ddp"  # ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, grads, Adam, EMA sharded)
+    compile: bool = False  # torch.compile the modules the family's step can run compiled
     address: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's model
     train: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's TrainConfig
@@ -115,7 +118,7 @@ def make_job(config_file: str | None = None, sets: list[str] | tuple[str, ...] =
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    get_preset(job.model)  # an unknown preset (or tracker) is named before any data is read
+    check_strategy(job.strategy, get_preset(job.model).model.family)  # an unknown preset is named here too
     check_trackers(job.tracker, job.out)
     if job.register:
         mlflow_registry.enabled()  # MLFLOW_TRACKING_URI without mlflow installed: said now, not after training
@@ -152,6 +155,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "store, or let each worker stream its parts (default auto: held if it fits in a quarter)")
     p.add_argument("--key-log", action="store_true", default=None,
                    help="log every step's sample seeds under RUN/keys/ (audits exact data accounting)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="ddp (default): every worker holds the whole model; "
+                   "fsdp: FSDP2 shards parameters, gradients, optimizer state and EMA over the workers (flow models)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step's networks (the first steps pay for compiling)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
@@ -249,7 +256,7 @@ def worker_config(job: JobConfig, manifest: dict, model_cfg: Any, train_cfg: Tra
         "precision": job.precision, "shuffle_buffer": job.shuffle_buffer, "prefetch_batches": job.prefetch_batches,
         "config": write_run_config(job, model_cfg, train_cfg, manifest), "eval": dataset_prompts(job, manifest),
         "parent": resolve_parent(job, manifest), "launch": uuid.uuid4().hex[:12], "launched": launched,
-        "trackers": job.tracker, "key_log": job.key_log,
+        "trackers": job.tracker, "key_log": job.key_log, "strategy": job.strategy, "compile": job.compile,
     }
 
 
@@ -478,13 +485,14 @@ class Run:
         step = self.state.step
         url = ck.checkpoint_url(self.url, step)
         records = self.pos.merge(gather(self.pos.pending))  # every rank's steps since the last checkpoint
+        snap = snapshot(self.state, keep=self.rank == 0)  # every rank: gathering FSDP shards is a collective
         if self.rank == 0:
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
             if self.key_log:  # before the checkpoint: chunks past a resume point are pruned, never missing
                 position.write_key_log(self.url, step, records)
-            digests = state_digests(self.state)  # weights, EMA, optimizers: a resume is checked against them
-            ck.save_checkpoint(url, self.state, encoder_spec=self.encoder, seen=self.pos.seen, meta_extra={
+            digests = state_digests(self.state, snap)  # weights, EMA, optimizers: a resume is checked against them
+            ck.save_checkpoint(url, self.state, snap=snap, encoder_spec=self.encoder, seen=self.pos.seen, meta_extra={
                 "data_position": self.pos.meta(), "state_digests": digests,
                 "metrics": self.metrics(), "run_url": storage.describe(self.url),
                 "dataset_url": storage.describe(self.data_url), "dataset_digest": self.dataset_digest,
@@ -493,7 +501,8 @@ class Run:
             saved = time.perf_counter() - t0
             if self.prompts is not None:
                 sheet = write_samples(self.state, self.prompts, storage.url_join(self.url, "samples",
-                                                                                 f"step_{step:06d}.png"))
+                                                                                 f"step_{step:06d}.png"),
+                                      net=self.sampler(snap) if is_sharded(self.state) else None)
                 if self.trackers is not None:
                     self.trackers.image("samples", sheet, step)
             if self.trackers is not None:
@@ -503,6 +512,12 @@ class Run:
                               "state": digests})
         self.last_ckpt = step
         return url
+
+    def sampler(self, snap: Snapshot) -> torch.nn.Module:
+        """The sampling network with the snapshot's EMA weights, whole on this rank (under FSDP the
+        EMA module itself holds only this rank's shards)."""
+        _, net = ck.build_network(to_dict(self.state.model_cfg), snap.ema, "EMA snapshot")
+        return net.to(self.state.runtime.device)
 
     def first_step(self, marks: dict, first_wait: float) -> None:
         """Rank 0 records where launch-to-first-step went. `marks`: wall-clock times at which each

@@ -13,8 +13,9 @@ on the runtime's device (losses, norms) and Python floats (learning rates). Read
 tensor back waits for the accelerator, so callers sum them and read them once per logging window
 (`metric_floats`); the step itself reads nothing back from the device (a `gpu` test holds it to
 that with CUDA's sync debugger).
-Modules in `state.modules` may be wrapped in DistributedDataParallel by the caller; EMA copies
-are always the bare modules.
+Modules in `state.modules` may be wrapped in DistributedDataParallel by the caller, or sharded
+in place with FSDP2 (`t2i.train.sharding`, which shards the EMA copy too); `snapshot` reads
+either as whole tensors.
 """
 
 from __future__ import annotations
@@ -92,16 +93,49 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 
 def clip_grads(module: nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm and max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over all shards
     return torch.zeros((), device=next(module.parameters()).device)
 
 
 
-def state_tensors(state: TrainState) -> dict[str, dict[str, torch.Tensor]]:
-    """Everything a checkpoint needs, as named tensor dicts (safetensors-friendly groups)."""
-    out = {f"model.{k}": unwrap(m).state_dict() for k, m in state.modules.items()}
-    out["ema"] = state.ema.state_dict()
+def full(tensors: Mapping[str, Any], keep: bool = True) -> dict:
+    """The values with every FSDP shard (a DTensor) gathered whole: a collective, so every rank
+    calls it, in the same order. `keep=False` joins the gathering and keeps nothing (the ranks
+    that do not write), so no rank but the writer ever holds a second whole copy."""
+    out = {}
+    for k, v in tensors.items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # duck-typed: DTensor's import is slow
+        if keep:
+            out[k] = v
     return out
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """The training state as whole tensors: what checkpoints, fingerprints and sample grids read."""
+
+    modules: dict[str, dict[str, torch.Tensor]]  # name -> state dict
+    ema: dict[str, torch.Tensor]
+    opts: dict[str, dict]  # name -> optimizer state dict (per-parameter state keyed by index)
+
+
+def snapshot(state: TrainState, keep: bool = True) -> Snapshot:
+    """Whole tensors of modules, EMA and optimizers: references under DDP, gathered shards under
+    FSDP (a collective every rank joins; see `full`)."""
+    modules = {k: full(unwrap(state.modules[k]).state_dict(), keep) for k in sorted(state.modules)}
+    ema = full(state.ema.state_dict(), keep)
+    opts = {}
+    for name in sorted(state.opts):
+        sd = state.opts[name].state_dict()
+        sd["state"] = {i: full(st, keep) for i, st in sorted(sd["state"].items())}
+        opts[name] = sd
+    return Snapshot(modules, ema, opts)
+
+
+def state_tensors(snap: Snapshot) -> dict[str, dict[str, torch.Tensor]]:
+    """Everything a checkpoint needs, as named tensor dicts (safetensors-friendly groups)."""
+    return {**{f"model.{k}": sd for k, sd in snap.modules.items()}, "ema": snap.ema}
 
 
 def new_ema(module: nn.Module) -> nn.Module:
