@@ -142,18 +142,21 @@ def footprint(name: str, text_len: int = 64, gpus: int = GPUS) -> dict:
     return {"preset": name, "family": cfg.family, "resolution": R, "params_m": params / 1e6, "tokens": tokens,
             "gflops_per_sample": flops / 1e9, "batch_per_gpu": per_gpu, "state_gb": state_gb,
             "activation_gb": act_gb, "memory_gb": state_gb + act_gb,
+            # --strategy fsdp (flow only): weights, grads, Adam and EMA split over the node's GPUs
+            "memory_gb_fsdp": state_gb / gpus + act_gb if cfg.family == "flow" else None,
             "samples_per_s_40mfu": MFU * GPU_PEAK_FLOPS / train_flops}
 
 
 def table(names: list[str] | None = None) -> str:
     """The presets as a Markdown table (README's, printed by `t2i presets`)."""
-    head = ("| preset | family | px | params | tokens | fwd GFLOP/sample | batch/GPU | memory/GPU | "
-            "samples/s/GPU at 40% MFU |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| preset | family | px | params | tokens | fwd GFLOP/sample | batch/GPU | memory/GPU ddp | "
+            "memory/GPU fsdp | samples/s/GPU at 40% MFU |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names or list(PRESETS):
         f = footprint(name)
+        fsdp = "-" if f["memory_gb_fsdp"] is None else f"{f['memory_gb_fsdp']:.1f} GB"
         rows.append(f"| `{name}` | {f['family']} | {f['resolution']} | {f['params_m']:.1f}M | {f['tokens'] or '-'} | "
-                    f"{f['gflops_per_sample']:.3g} | {f['batch_per_gpu']} | {f['memory_gb']:.1f} GB | "
+                    f"{f['gflops_per_sample']:.3g} | {f['batch_per_gpu']} | {f['memory_gb']:.1f} GB | {fsdp} | "
                     f"{f['samples_per_s_40mfu']:,.0f} |")
     return "\n".join([head, *rows])
 
@@ -166,7 +169,8 @@ def run(args) -> int:
     for name in args.names:
         get_preset(name)
     print(table(args.names or None))
-    print(f"\nMemory: DDP on {GPUS} GPUs (20 bytes a parameter: fp32 weights, grads, Adam, EMA) + bf16 activations "
-          f"at the per-GPU batch. Throughput: {MFU:.0%} of an H100/H200's {GPU_PEAK_FLOPS / 1e12:.0f} dense bf16 "
+    print(f"\nMemory: on {GPUS} GPUs, 20 bytes a parameter (fp32 weights, grads, Adam, EMA) whole on each GPU "
+          "(ddp) or split over them (fsdp, flow models), + bf16 activations at the per-GPU batch."
+          f" Throughput: {MFU:.0%} of an H100/H200's {GPU_PEAK_FLOPS / 1e12:.0f} dense bf16 "
           "TFLOP/s, training = 3x forward FLOPs.")
     return 0
