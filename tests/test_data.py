@@ -205,3 +205,30 @@ def test_cli_data_shapes(tmp_path, capsys):
     assert "--holdout" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite", "--holdout", "none"]) == 0
     assert json.loads(storage.read_text(f"{out}/shapes.json"))["holdout"] == []
+
+
+def test_shape_geometry_and_diversity_ratio():
+    """The readout finds where a shape is and how big; the diversity ratio is ~1 for images as
+    varied as the data, 0 for a collapsed set (one image repeated), and in between for a set that
+    varies only in size."""
+    from t2i.eval.attributes import diversity
+
+    rng = np.random.default_rng(0)
+    geo = shapes.sample_geometry(rng, "square", max_rotation=0)
+    cx, cy, size = readout.shape_geometry(shapes.render("square", "red", "blue", 32, geo))
+    assert abs(cx - geo["cx"]) < 0.03 and abs(cy - geo["cy"]) < 0.03 and abs(size - geo["area"] ** 0.5) < 0.03
+    assert readout.shape_geometry(np.full((32, 32, 3), 200, np.uint8)) is None
+
+    def images(n, fixed_centre=False):
+        out = []
+        for _ in range(n):
+            g = shapes.sample_geometry(rng, "circle")
+            out.append(shapes.render("circle", "red", "blue", 32, {**g, "cx": 0.5, "cy": 0.5} if fixed_centre else g))
+        return out
+
+    reference = {"circle": images(64)}
+    varied = diversity({"a red circle": images(32)}, reference, {"a red circle": "circle"})
+    collapsed = diversity({"a red circle": [images(1)[0]] * 32}, reference, {"a red circle": "circle"})
+    centred = diversity({"a red circle": images(32, fixed_centre=True)}, reference, {"a red circle": "circle"})
+    assert 0.7 < varied["median"] < 1.3 and collapsed["median"] == 0.0
+    assert centred["position"] < 0.1 < 0.6 < centred["size"] and 0.3 < centred["median"] < 0.7

@@ -167,6 +167,11 @@ def test_training_is_deterministic(debug, rt):
     assert torch.equal(outs[0], outs[1])
     assert {"loss", "loss_d", "loss_g", "r1", "r2", "lr"} <= set(m) and m["loss"] == m["loss_g"]
     assert st.step == 3 and st.samples_seen == 24
+    # Without clipping (the gan presets' grad_clip is 0) the logged norms are still the real ones.
+    assert debug.train.grad_clip == 0 and m["grad_norm_d"] > 0 and m["grad_norm_g"] > 0
+    D = st.modules["D"]
+    assert float(m["grad_norm_d"]) == pytest.approx(float(torch.cat([p.grad.flatten() for p in D.parameters()
+                                                                      if p.grad is not None]).norm()), rel=1e-5)
 
 
 def test_discriminator_alone_learns_the_batch(debug, rt):

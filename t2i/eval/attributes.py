@@ -12,7 +12,7 @@ from PIL import Image
 
 from t2i import storage
 from t2i.data import shapes
-from t2i.eval.readout import read_attributes
+from t2i.eval.readout import read_attributes, shape_geometry
 
 KEYS = ("shape", "color", "bg")
 
@@ -82,3 +82,35 @@ def write_shapes_prompts(path: str, per_prompt: int) -> dict[str, dict]:
                 expected[pid] = {"split": split, **dict(attrs)}
     storage.write_text(path, "".join(lines))
     return expected
+
+
+def geometry_spread(images: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """(spread of the shape's centre, spread of its size) over images: the standard deviation of
+    the centre (root of the summed x and y variances) and of the size, in image sides; None with
+    fewer than two images that show a shape."""
+    geo = np.array([g for g in map(shape_geometry, images) if g is not None])
+    if len(geo) < 2:
+        return None
+    return float(np.sqrt(geo[:, 0].var() + geo[:, 1].var())), float(geo[:, 2].std())
+
+
+def diversity(generated: Mapping[str, Sequence[np.ndarray]], reference: Mapping[str, Sequence[np.ndarray]],
+              shape_of: Mapping[str, str]) -> dict:
+    """How varied a prompt's images are, against the data: per prompt, the spread of the generated
+    shape's centre and size (`geometry_spread`) divided by the same spread over reference (training)
+    images of that shape; 1 is as varied as the data, 0 every image alike (mode collapse).
+
+    generated: prompt -> its images; reference: shape -> training images; shape_of: prompt -> shape.
+    Returns {"median": the median over prompts of the mean of the two ratios, "position", "size"
+    (their medians), "per_prompt": {prompt: ratio}}; a prompt with under two shapes read counts 0.
+    """
+    ref = {s: geometry_spread(imgs) for s, imgs in reference.items()}
+    per_prompt, pos, size = {}, [], []
+    for prompt, imgs in generated.items():
+        spread, base = geometry_spread(imgs), ref[shape_of[prompt]]
+        p, s = (0.0, 0.0) if spread is None else (spread[0] / base[0], spread[1] / base[1])
+        pos.append(p)
+        size.append(s)
+        per_prompt[prompt] = round((p + s) / 2, 4)
+    return {"median": float(np.median(list(per_prompt.values()))), "position": float(np.median(pos)),
+            "size": float(np.median(size)), "per_prompt": per_prompt}

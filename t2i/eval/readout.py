@@ -200,6 +200,8 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, dict[str, float]]:
     reach = math.sqrt(4 * mass / math.sqrt(3)) / math.sqrt(3) + 3 * max(BLURS) + 1
     y0, y1 = max(0, int(cy - reach)), min(alpha.shape[0], int(cy + reach) + 1)
     x0, x1 = max(0, int(cx - reach)), min(alpha.shape[1], int(cx + reach) + 1)
+    if y1 <= y0 or x1 <= x0:  # noise whose coverage map puts the centroid off the image: no shape
+        return NO_SHAPE, {s: float("inf") for s in SHAPES}
     win = alpha[y0:y1, x0:x1]
     dy, dx = np.meshgrid(np.arange(y0, y1) + 0.5 - cy, np.arange(x0, x1) + 0.5 - cx, indexing="ij")
     blurs = [(_blur_matrix(y1 - y0, b), _blur_matrix(x1 - x0, b)) for b in BLURS]
@@ -243,3 +245,14 @@ def read_attributes(img: np.ndarray) -> tuple[str, str, str]:
     if shape == NO_SHAPE:
         return NO_SHAPE, NO_SHAPE, nearest_color(bg)
     return shape, nearest_color(fg), nearest_color(bg)
+
+
+def shape_geometry(img: np.ndarray) -> tuple[float, float, float] | None:
+    """(centre x, centre y, size) of the shape an RGB uint8 image shows, in units of the image
+    side (size = square root of its area); None when it shows no shape. The same foreground as
+    `read_attributes`, so the two never disagree on whether there is a shape."""
+    mask, _ = shape_mask(rgb_to_lab(_to_work(img)))
+    if mask.sum() < MIN_AREA * mask.size:
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean() + 0.5) / WORK, float(ys.mean() + 0.5) / WORK, math.sqrt(float(mask.sum())) / WORK

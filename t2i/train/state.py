@@ -92,10 +92,16 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 
 
 def clip_grads(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradients' total L2 norm before clipping, clipped to `max_norm` when it is > 0: logged
+    either way (a recipe without clipping still wants to see its gradients)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
     if max_norm and max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over all shards
-    return torch.zeros((), device=next(module.parameters()).device)
+    elif grads:
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.zeros((), device=next(module.parameters()).device)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over all shards
 
 
 
