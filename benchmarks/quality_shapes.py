@@ -197,10 +197,10 @@ def run_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows: d
     result["diversity"] = diversity(generated, reference, shape_of)
     if family == "flow":
         result["few_step"] = few_step(state.ema, model_cfg, rows, args.batch_size)
-    sheet = RESULTS / f"quality_shapes_{family}.png"
+    sheet = (out if args.no_write else RESULTS) / f"quality_shapes_{family}.png"  # --no-write leaves results/ alone
     write_contact_sheet(str(sheet), np.concatenate([s[0] for s in sheets]), ncol=args.per_prompt, scale=2,
                         row_labels=[c for s in sheets for c in s[1]])
-    result["sheet"] = str(sheet.relative_to(ROOT))
+    result["sheet"] = str(sheet.relative_to(ROOT) if sheet.is_relative_to(ROOT) else sheet)
     log.info("%s: seen %.3f held-out %.3f (all three correct), diversity %.2f; %.1f img/s at generation", family,
              result["seen"]["all"], result["heldout"]["all"], result["diversity"]["median"], result["gen_img_per_s"])
     return result, manifest
