@@ -11,15 +11,29 @@ reported separately. Rounds alternate the paths to share the machine's noise; th
 counts.
 
     python benchmarks/embed_throughput.py [--num 5000] [--resolution 32] [--rounds 2]
+
+`--jpeg512` measures embedding at real resolution instead (its own section, "embed_256"): shards of
+512-px JPEGs (quality 90) with captions, decoded and resized to 256 px per core by (1) a bare PIL
+loop with draft mode (open, draft, RGB, resize the short side + centre crop: the single-core limit),
+(2) our reader stage (`t2i.data.embed.shard_rows`: tar parsing, checks, the same decode) in one
+process, and on a local Ray with all cores (3) our read stage as `t2i embed` runs it against (4)
+`ray.data.read_webdataset` + the same decode (`t2i.data.shards.decode_image`) in `map_batches`,
+the peer a Ray user reaches for first. Then the decoder-LLM text path: a tiny random Qwen2 through
+`t2i.text.TextEncoder` against a bare transformers loop (AutoTokenizer + AutoModel, same captions,
+batch size and threads). Rounds alternate the paths; medians.
+
+    python benchmarks/embed_throughput.py --jpeg512 [--num 2000] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,16 +44,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from _report import write_section  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from t2i.config import EncoderSpec  # noqa: E402
 from t2i.data import embed as stages  # noqa: E402
+from t2i.data import shapes  # noqa: E402
 from t2i.data.embedded import read_manifest  # noqa: E402
 from t2i.data.shapes import write_shapes  # noqa: E402
+from t2i.data.shards import decode_image, iter_shard  # noqa: E402
 
-# Ray and `pipelines` are imported only where the Ray side runs: the bare loop's fresh process
-# (`--child`) must not pay for them, and the baseline must not depend on them.
+# Ray and `pipelines` are imported only where the Ray side runs, and `t2i.text` (tokenizers) only
+# where the decoder-LLM path runs: the bare loop's fresh process (`--child`) must not pay for them,
+# and the baseline must not depend on them.
 
 
 def bare_loop(shards: list[str], out: str, resolution: int, batch_size: int, encoder_name: str,
@@ -140,18 +160,259 @@ def write_markdown(result: dict) -> None:
     write_section("embed_throughput", section)
 
 
+# ----------------------------------------------------------------------------- --jpeg512
+
+JPEG_SOURCE, JPEG_RES = 512, 256
+TAIL_WORDS = ("in", "soft", "morning", "light", "photographed", "from", "above", "with", "a", "shallow", "depth",
+              "of", "field", "high", "detail", "studio", "backdrop", "slightly", "grainy", "film", "look", "centered")
+
+
+def jpeg_sample(i: int, seed: int = 0) -> dict:
+    """A 512-px JPEG (quality 90) with a caption: a shapes render upscaled, with a smooth colour field
+    and grain over it, so it compresses like a photo (~70 KB) rather than like flat colour."""
+    rng = np.random.default_rng([seed, i])
+    a = shapes.sample_attributes(shapes.sample_rng(seed, i), shapes.DEFAULT_HOLDOUT)
+    base = np.asarray(Image.fromarray(shapes.render_attrs(a, 128)).resize((JPEG_SOURCE,) * 2, Image.BICUBIC))
+    field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((JPEG_SOURCE,) * 2, Image.BICUBIC)
+    grain = rng.integers(-12, 13, base.shape, dtype=np.int16)
+    pixels = (base.astype(np.int16) * 3 // 4 + np.asarray(field, np.int16) // 4 + grain).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    tail = " ".join(rng.choice(TAIL_WORDS, int(rng.integers(4, 24))))
+    return {"__key__": f"{i:08d}", "jpg": buf.getvalue(),
+            "txt": f"{shapes.caption(a['shape'], a['color'], a['bg'])}, {tail}".encode()}
+
+
+def write_jpeg_shards(out: str, num: int, shard_size: int) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    urls = []
+    for k, start in enumerate(range(0, num, shard_size)):
+        url = os.path.join(out, f"{k:05d}.tar")
+        if not os.path.exists(url):
+            data = shapes.shard_bytes(jpeg_sample(i) for i in range(start, min(num, start + shard_size)))
+            with open(url + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(url + ".tmp", url)
+        urls.append(url)
+    return urls
+
+
+def pil_draft(data: bytes, resolution: int) -> np.ndarray:
+    """`decode_image`'s operations for an RGB JPEG as a bare loop body: open, draft, RGB, short side to
+    `resolution` with a centre crop (bicubic)."""
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (resolution, resolution))
+    im = im.convert("RGB")
+    w, h = im.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(im.resize((resolution, resolution), Image.BICUBIC, box=box), np.uint8)
+
+
+def timed(fn) -> dict:
+    t0 = time.perf_counter()
+    n = fn()
+    secs = time.perf_counter() - t0
+    return {"samples": n, "seconds": secs, "samples_per_s": n / secs, "load_avg_1min": os.getloadavg()[0]}
+
+
+def our_reader(shards: list[str], resolution: int, batch_size: int) -> int:
+    """Samples read, parsed and decoded by the embed job's reader stage, in this process."""
+    return sum(t.num_rows for i, url in enumerate(shards) for t in stages.shard_rows(url, i, resolution, 0, batch_size))
+
+
+def ray_ours(urls: list[str], resolution: int, batch_size: int) -> int:
+    """The read stage of `pipelines.embed.embed` as the job builds it (shard list, our reader in tasks)."""
+    import ray
+
+    from pipelines.cluster import forwarded_env
+    from pipelines.embed import read_shards
+
+    plan = stages.plan_encoders(ray.cluster_resources(), None, None)
+    ds = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
+    ds = ds.map_batches(read_shards, fn_kwargs=dict(env=forwarded_env(), resolution=resolution, min_size=0,
+                                                      chunk_size=batch_size),
+                        batch_size=1, batch_format="pyarrow", num_cpus=plan["task_cpus"])
+    return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def _decode_webdataset(batch: pa.Table, resolution: int) -> pa.Table:
+    images = [decode_image(b, resolution).tobytes() for b in batch.column("jpg").to_pylist()]
+    return pa.table({"key": batch.column("__key__"), "image": pa.array(images, pa.binary()),
+                     "caption": pa.array([t.decode() for t in batch.column("txt").to_pylist()], pa.string())})
+
+
+def ray_webdataset(urls: list[str], resolution: int) -> int:
+    """What a Ray user writes first: read_webdataset (raw bytes) + the same decode in map_batches."""
+    import ray
+
+    ds = ray.data.read_webdataset(urls, decoder=None)
+    ds = ds.map_batches(_decode_webdataset, fn_kwargs={"resolution": resolution}, batch_format="pyarrow")
+    return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def decoder_paths(captions: list[str], work: str, batch_size: int, max_tokens: int = 77):
+    """(ours, bare): callables encoding `captions` with a tiny random Qwen2, through `TextEncoder` and
+    through a bare transformers loop (right padding, the last layer, float16 tokens, last-token pool)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from t2i.text import TextEncoder, build_tiny_encoder
+
+    path = str(build_tiny_encoder("decoder", os.path.join(work, "qwen2")))
+    enc = TextEncoder(EncoderSpec(name=path, kind="decoder", max_tokens=max_tokens), batch_size=batch_size)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "right"
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+    def ours() -> int:
+        return len(enc.encode(captions).tokens)
+
+    @torch.inference_mode()
+    def bare() -> int:
+        tokens, pooled = [], []
+        for b in range(0, len(captions), batch_size):
+            x = tok(captions[b:b + batch_size], padding=True, truncation=True, max_length=max_tokens,
+                    return_tensors="pt")
+            h = model(**x).last_hidden_state.half()
+            lens = x["attention_mask"].sum(1)
+            pooled.append(h[torch.arange(len(lens)), lens - 1].numpy())
+            h16 = h.numpy()
+            tokens += [h16[i, :k].copy() for i, k in enumerate(lens.tolist())]
+        return len(tokens)
+
+    return ours, bare
+
+
+JPEG_PATHS = {
+    "pil": "bare PIL loop with draft mode, in memory (the single-core limit)",
+    "reader": "our reader stage (`shard_rows`: tar + checks + decode), one process",
+    "ray_ours": "`t2i embed`'s read stage on Ray",
+    "ray_webdataset": "`ray.data.read_webdataset` + the same decode in `map_batches`",
+    "encoder_ours": "`t2i.text.TextEncoder`",
+    "encoder_bare": "bare transformers loop",
+}
+
+
+def run_jpeg512(a) -> int:
+    """The --jpeg512 measurements; writes benchmarks/results/embed_256.json and its section."""
+    import ray  # the Ray side only (see the imports above)
+
+    results = os.path.join(ROOT, "benchmarks", "results", "embed_256.json")
+    if a.table_only:
+        with open(results) as f:
+            write_markdown_256(json.load(f))
+        return 0
+    work = a.work or tempfile.mkdtemp(prefix="embed256-bench-")
+    num = a.num or 2000
+    shards = write_jpeg_shards(os.path.join(work, f"jpeg512-{num}"), num, a.shard_size or 250)
+    samples = [s for url in shards for s in iter_shard(url)]
+    jpegs = [s.members["jpg"] for s in samples]
+    captions = [s.members["txt"].decode() for s in samples]
+    same = all(np.array_equal(pil_draft(d, JPEG_RES), decode_image(d, JPEG_RES)) for d in jpegs[:50])
+    torch.set_num_threads(1)  # per core, both text paths
+    cpus, load_start = os.cpu_count(), os.getloadavg()[0]
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        encoder_ours, encoder_bare = decoder_paths(captions, work, a.batch_size)
+        fns = {"pil": lambda: sum(pil_draft(d, JPEG_RES).shape[0] > 0 for d in jpegs),
+               "reader": lambda: our_reader(shards, JPEG_RES, a.batch_size),
+               "ray_ours": lambda: ray_ours(shards, JPEG_RES, a.batch_size),
+               "ray_webdataset": lambda: ray_webdataset(shards, JPEG_RES),
+               "encoder_ours": encoder_ours, "encoder_bare": encoder_bare}
+        for fn in fns.values():  # warm-up, not recorded: Ray's workers, page cache, lazy imports
+            fn()
+        runs: dict[str, list[dict]] = {k: [] for k in fns}
+        for k in range(a.rounds):
+            for name in (list(fns) if k % 2 == 0 else list(fns)[::-1]):
+                runs[name].append(timed(fns[name]))
+                print(f"round {k}: {name:15s} {runs[name][-1]['samples_per_s']:7.0f} samples/s", flush=True)
+    finally:
+        ray.shutdown()
+    counts = {k: {r["samples"] for r in v} for k, v in runs.items()}
+    if any(c != {num} for c in counts.values()):
+        raise RuntimeError(f"paths disagree on the sample count: {counts}")
+    rate = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
+    per_core = {k: v / (cpus if k.startswith("ray") else 1) for k, v in rate.items()}
+
+    def ratio(num_path: str, den_path: str) -> list[float]:
+        return [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[num_path], runs[den_path])]
+
+    ratios = {"reader_vs_pil": ratio("reader", "pil"), "ray_ours_vs_webdataset": ratio("ray_ours", "ray_webdataset"),
+              "encoder_ours_vs_bare": ratio("encoder_ours", "encoder_bare")}
+    result = {
+        "benchmark": "embed_256", "num": num, "shards": len(shards), "source_px": JPEG_SOURCE,
+        "resolution": JPEG_RES, "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "batch_size": a.batch_size,
+        "cpus": cpus, "rounds": a.rounds, "runs": runs, "samples_per_s": rate, "per_core": per_core,
+        "ratios": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratio_rounds": {k: [round(x, 2) for x in v] for k, v in ratios.items()},
+        "same_pixels": same, "caption_words": statistics.median(len(c.split()) for c in captions),
+        "load_start": load_start, "load_end": os.getloadavg()[0],
+        "machine": platform.platform(), "shared_cpu": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    print(json.dumps({k: result[k] for k in ("per_core", "ratios", "ratio_rounds")}, indent=1))
+    if not a.no_write:
+        with open(results, "w") as f:
+            json.dump(result, f, indent=1)
+        write_markdown_256(result)
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_markdown_256(r: dict) -> None:
+    c, q = r["cpus"], r["ratios"]
+    rows = [f"| {JPEG_PATHS[k]} | {r['samples_per_s'][k]:.0f} | {r['per_core'][k]:.0f} | "
+            + ", ".join(f"{x['samples_per_s']:.0f}" for x in r["runs"][k]) + " |"
+            for k in ("pil", "reader", "ray_ours", "ray_webdataset")]
+    lines = [
+        "## Embedding at 256 px from 512-px JPEGs (`benchmarks/embed_throughput.py --jpeg512`)",
+        "",
+        f"{r['num']} samples in {r['shards']} WebDataset shards: {r['source_px']}-px JPEGs (quality 90, "
+        f"{r['jpeg_kb']:.0f} KB on average: shapes renders upscaled under a colour field and grain) with captions "
+        f"(median {r['caption_words']:.0f} words), decoded and resized to {r['resolution']} px (short side, "
+        "centre crop, bicubic; JPEG draft mode decodes at 1/2 scale). Every path turns every sample into "
+        f"{r['resolution']}x{r['resolution']} RGB pixels; the bare PIL loop and `decode_image` give the same "
+        f"pixels: {'yes' if r['same_pixels'] else 'NO'}. Ray paths run on a local Ray with `num_cpus={c}` "
+        f"(per core = / {c}); the others in one process. Medians of {r['rounds']} alternating rounds after a "
+        f"warm-up. Shared {c}-core machine, 1-minute load average {r['load_start']:.1f} at the start, "
+        f"{r['load_end']:.1f} at the end.",
+        "",
+        "| path | samples/s | per core | every round |",
+        "|---|---:|---:|---|",
+        *rows,
+        "",
+        f"Our reader / the PIL draft-mode limit, per core: **{q['reader_vs_pil']:.2f}** (bar >= 0.7; per round "
+        f"{' '.join(map(str, r['ratio_rounds']['reader_vs_pil']))}). `t2i embed`'s read stage / `read_webdataset` "
+        f"+ the same decode on the same shards and cores: **{q['ray_ours_vs_webdataset']:.2f}** (bar >= 1.0; per "
+        f"round {' '.join(map(str, r['ratio_rounds']['ray_ours_vs_webdataset']))}).",
+        "",
+        f"Decoder-LLM text path, tiny random Qwen2 (hidden 64, 2 layers) on 1 thread, batch {r['batch_size']}, "
+        f"the same {r['num']} captions: `TextEncoder` {r['samples_per_s']['encoder_ours']:.0f} captions/s, the bare "
+        f"transformers loop {r['samples_per_s']['encoder_bare']:.0f}: **{q['encoder_ours_vs_bare']:.2f}** (per round "
+        f"{' '.join(map(str, r['ratio_rounds']['encoder_ours_vs_bare']))}). `TextEncoder` does more (tokenizes "
+        "with offsets to drop an instruction prefix, clamps to float16's range, copies each caption's tokens out) "
+        "but batches captions sorted by length, so it pads less than the bare loop in caption order.",
+    ]
+    write_section("embed_256", "\n".join(lines))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num", type=int, default=5000)
+    p.add_argument("--num", type=int, help="samples (default: 5000; 2000 with --jpeg512)")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--shard-size", type=int, help="samples per shard (default: 500; 250 with --jpeg512)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--encoder", default="all-MiniLM-L6-v2")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md / results")
     p.add_argument("--table-only", action="store_true", help="rewrite the BENCHMARKS.md table from the saved JSON")
+    p.add_argument("--jpeg512", action="store_true", help="embedding at 256 px from 512-px JPEGs (see above)")
+    p.add_argument("--work", help="--jpeg512: keep the shards here between runs (default: a temporary directory)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.jpeg512:
+        return run_jpeg512(a)
+    a.num, a.shard_size = a.num or 5000, a.shard_size or 500
     if a.child:
         print(json.dumps(bare_loop(**json.loads(a.child))))
         return 0

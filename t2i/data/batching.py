@@ -7,6 +7,7 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from t2i.runtime import seed_from
@@ -58,30 +59,75 @@ def sample_seeds(keys: Sequence[str], base_seed: int = 0) -> torch.Tensor:
     return torch.tensor([seed_from(int(base_seed), str(k)) for k in keys], dtype=torch.int64)
 
 
-def rows_to_batch(rows: Mapping[str, Any], base_seed: int = 0, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Decoded embedded-dataset rows (`t2i.data.embedded.decode_rows`) -> the train_step batch.
-
-    Tokens are padded to the batch's longest caption with a mask; seeds come from the sample
-    keys (and the run's seed), so a sample's noise never depends on which rank drew it.
-    """
-    with warnings.catch_warnings():
-        # Views over Arrow buffers are read-only; nothing here writes into them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tokens, mask, pooled = collate_features(rows["tokens"], rows["pooled"])
-        image = torch.from_numpy(np.ascontiguousarray(rows["images"]))
-    batch = {
-        "image": image,
-        "tokens": tokens,
-        "mask": mask,
-        "pooled": pooled,
-        "seed": sample_seeds(rows["keys"], base_seed),
-    }
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """An uninitialised host tensor for a batch: page-locked with `pin` (torch caches those blocks),
+    else in Arrow's memory pool, which keeps freed memory for the next batch. torch's CPU allocator
+    maps a tensor this big afresh from the OS every time, and faulting its pages in made copying
+    rows into it 3-4x slower than into reused memory (1.8 against 7 GB/s a core)."""
     if pin:
-        batch = {k: v.pin_memory() for k, v in batch.items()}
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    np_dtype = np.dtype({torch.float16: np.float16, torch.uint8: np.uint8}[dtype])
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.frombuffer(pa.allocate_buffer(max(n * np_dtype.itemsize, 1)), np_dtype, count=n)
+                            .reshape(shape))
+
+
+def gather_batch(sources: Sequence[Mapping[str, Any]], picks: Sequence[tuple[int, int]], base_seed: int = 0,
+                 pin: bool = False, images: bool = True) -> dict[str, torch.Tensor]:
+    """The train_step batch of rows `picks`, (source, row) pairs over decoded row sets
+    (`t2i.data.embedded.decode_rows`), each row written once, straight into the batch's tensors
+    (page-locked with `pin`: a batch bound for a GPU is not copied again to pin it).
+
+    Tokens are padded to the batch's longest caption with a mask; seeds come from the sample keys
+    (and the run's seed), so a sample's noise never depends on which rank drew it. Token states and
+    pooled vectors stay float16 as stored, images uint8: `to_device` widens the floats on the
+    training device. Widening here wrote twice the bytes the rows hold (with a 2,048-dim decoder
+    LLM's states, the loader's largest cost; BENCHMARKS.md) and sent them over at twice the size.
+    `images=False` leaves the "image" entry out (the caller has them another way).
+    """
+    rows = [(sources[s], int(r)) for s, r in picks]
+    if not rows:
+        raise ValueError("gather_batch: empty batch")
+    lengths = np.array([len(src["tokens"][r]) for src, r in rows], dtype=np.int64)
+    B, D, L = len(rows), rows[0][0]["pooled"].shape[1], max(int(lengths.max()), 1)
+    tokens, pooled = _host_empty((B, L, D), torch.float16, pin), _host_empty((B, D), torch.float16, pin)
+    tok, pool = tokens.numpy(), pooled.numpy()
+    for j, (src, r) in enumerate(rows):
+        n = int(lengths[j])
+        tok[j, :n] = src["tokens"][r]
+        tok[j, n:] = 0  # only the padding is zeroed
+        pool[j] = src["pooled"][r]
+    batch = {"tokens": tokens, "mask": torch.from_numpy(np.arange(L) < lengths[:, None]), "pooled": pooled,
+             "seed": sample_seeds([src["keys"][r] for src, r in rows], base_seed)}
+    if images:
+        image = _host_empty((B, *rows[0][0]["images"].shape[1:]), torch.uint8, pin)
+        img = image.numpy()
+        for j, (src, r) in enumerate(rows):
+            img[j] = src["images"][r]
+        batch["image"] = image
     return batch
+
+
+def rows_to_batch(rows: Mapping[str, Any], base_seed: int = 0, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Decoded embedded-dataset rows (`t2i.data.embedded.decode_rows`) -> the train_step batch, in
+    their order (`gather_batch`). Without `pin` the images stay a view of the rows' memory."""
+    batch = gather_batch([rows], [(0, i) for i in range(len(rows["tokens"]))], base_seed, pin, images=pin)
+    if not pin:
+        with warnings.catch_warnings():
+            # Views over Arrow buffers are read-only; nothing here writes into them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            batch["image"] = torch.from_numpy(np.ascontiguousarray(rows["images"]))
+    return {k: batch[k] for k in ("image", "tokens", "mask", "pooled", "seed")}
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch on `device`, except the sample seeds: the noise is seeded from them on the host,
-    and reading them back from an accelerator would wait for it every step."""
-    return {k: v if k == "seed" or v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}
+    and reading them back from an accelerator would wait for it every step. float16 arrays (token
+    states as stored, see `gather_batch`) become float32 there, after the copy."""
+    out = {}
+    for k, v in batch.items():
+        if k != "seed":
+            v = v if v.device == device else v.to(device, non_blocking=True)
+            v = v.float() if v.dtype == torch.float16 else v
+        out[k] = v
+    return out
