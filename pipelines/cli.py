@@ -19,6 +19,7 @@ COMMANDS = [
     ("train", "pipelines.train", "train a model on an embedded dataset with Ray Train"),
     ("generate", "pipelines.generate", "prompt file -> images with a registered model, on Ray Data"),
     ("registry", "t2i.registry_cli", "list, show and alias registered models"),
+    ("eval", "t2i.eval.cli", "FD, KID, precision/recall and text-image alignment of a model on held-out data"),
     ("export", "t2i.export", "write a registered model as a folder Hugging Face diffusers loads offline"),
     ("presets", "t2i.presets", "model presets: parameters, tokens, FLOPs, memory, GPU throughput"),
     ("demo", "pipelines.demo", "the whole flow end to end on the embedded defaults"),

@@ -31,11 +31,11 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
           hidden_layer: int = -1, prefix: str = "", resolution: int = 64, max_tokens: int = 64,
           batch_size: int = 64, min_size: int = 0, encoders: int | None = None,
           encoder_threads: int | None = None, rows_per_part: int | None = None, overwrite: bool = False,
-          address: str | None = None, progress_every: float = 10.0) -> dict:
+          address: str | None = None, progress_every: float = 10.0, holdout: float = 0.0) -> dict:
     """Embed the shards at `data` into an embedded dataset at `out` (see `add_arguments` for each
     option; a progress line every `progress_every` s). Returns {"manifest", "out", "shards",
     "seconds" (job time, Ray start-up excluded)}."""
-    job.check_options(resolution=resolution, max_tokens=max_tokens, batch_size=batch_size)
+    job.check_options(resolution=resolution, max_tokens=max_tokens, batch_size=batch_size, holdout=holdout)
     urls = expand_shards(data)  # raises, naming the URL, when there are none
     job.prepare_out(out, overwrite)
     spec = job.encoder_spec(encoder, encoder_kind, hidden_layer, max_tokens, prefix)
@@ -52,13 +52,13 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
                  resolution, batch_size)
         env = cluster.forwarded_env()
         ds = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
-        ds = ds.map_batches(_read_shards, fn_kwargs=dict(env=env, resolution=resolution, min_size=min_size,
+        ds = ds.map_batches(read_shards, fn_kwargs=dict(env=env, resolution=resolution, min_size=min_size,
                                                           chunk_size=batch_size),
                             batch_size=1, batch_format="pyarrow", num_cpus=plan["task_cpus"])
         ds = ds.map_batches(_Encode, fn_constructor_args=(env, spec, batch_size, plan["threads"]),
                             batch_size=None, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=plan["encoders"]), **plan["actor"])
-        ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=out), batch_format="pyarrow",
+        ds = ds.map_batches(_write, fn_kwargs=dict(env=env, out=out, holdout=holdout), batch_format="pyarrow",
                             batch_size=job.rows_per_part(resolution, rows_per_part), num_cpus=plan["task_cpus"])
         acc, counters, last = job.Accumulator(urls), EmbedMetrics(storage.describe(out)), time.perf_counter()
         try:
@@ -76,9 +76,9 @@ def embed(data: str, out: str, *, encoder: str = "all-MiniLM-L6-v2", encoder_kin
             raise err from None
         t_done = time.perf_counter()
         manifest = acc.finish(out, data=storage.describe(data), resolution=resolution, encoder_fallback=spec,
-                              extra={"job": {"seconds": round(t_done - t_ready, 3),
-                                             "ray_startup_seconds": round(t_ready - t_start, 3),
-                                             "encoders": plan["encoders"], "batch_size": batch_size}})
+                              holdout=holdout, extra={"job": {
+                                  "seconds": round(t_done - t_ready, 3), "encoders": plan["encoders"],
+                                  "ray_startup_seconds": round(t_ready - t_start, 3), "batch_size": batch_size}})
     finally:
         if started:
             ray.shutdown()
@@ -106,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace an existing embedded dataset at --out")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--progress-every", type=float, metavar="S", help="seconds between progress lines (default: 10)")
+    p.add_argument("--holdout", type=float, metavar="F", help="held-out split: this fraction of samples, by key hash, "
+                   "in parts of their own that training never reads (default 0)")
 
 
 # Each option's dest is the keyword of `embed` with the same name; job files are checked against JOB.
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- Ray glue
 
-def _read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):
+def read_shards(batch, env: dict, resolution: int, min_size: int, chunk_size: int):
     """Task UDF: one input row per shard -> tables of decoded samples and skips."""
     cluster.apply_env(env)
     for url, index in zip(batch["url"].to_pylist(), batch["index"].to_pylist()):
@@ -138,7 +140,7 @@ class _Encode:
         return job.encode_rows(self.encoder, table)
 
 
-def _write(table, env: dict, out: str):
+def _write(table, env: dict, out: str, holdout: float):
     """Task UDF: write a batch's kept rows as one part; its summary goes back as a one-row table."""
     cluster.apply_env(env)
-    return job.summary_table(job.write_rows(out, table))
+    return job.summary_table(job.write_rows(out, table, holdout))

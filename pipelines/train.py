@@ -46,7 +46,10 @@ from t2i.train.run import (  # noqa: F401 (add_arguments: this job's CLI face)
     JobConfig,
     Run,
     add_arguments,
+    best_checkpoints,
+    checkpoint_scoring,
     make_job,
+    ray_storage,
     register_result,
     resolve_model,
     summary_lines,
@@ -119,7 +122,7 @@ def train_func(cfg: dict) -> dict:
     state = make_state(config_from_dict(cfg["model"]), from_dict(TrainConfig, cfg["train"]), runtime)
     w = Run(cfg["run_url"], state, rank=ctx.get_world_rank(), world=ctx.get_world_size(), encoder=cfg["encoder"],
             data_url=cfg["data_url"], dataset_digest=cfg["dataset_digest"], prompts=cfg["eval"], launch=cfg["launch"],
-            trackers=cfg["trackers"], config=cfg["config"], key_log=cfg["key_log"])
+            trackers=cfg["trackers"], config=cfg["config"], key_log=cfg["key_log"], evaluation=cfg["evaluation"])
     url, tracked = w.decide_resume(tracked_step())
     if url is None and cfg["parent"]:
         w.init_weights(cfg["parent"])
@@ -163,6 +166,7 @@ def train_func(cfg: dict) -> dict:
         shard.set_epoch(w.pos.epoch, w.pos.exclude())  # a resumed epoch leaves out what it trained
         batches = shard.iter_torch_batches(
             batch_size=per_worker, drop_last=True, collate_fn=collate, prefetch_batches=cfg["prefetch_batches"],
+            device="cpu",  # Ray's default moves every tensor, seeds too, to the GPU; `fit` moves all but the seeds
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or 8 * per_worker,
             local_shuffle_seed=seed_from(tc.seed, w.epoch) % 2**32)
         before = state.step
@@ -206,12 +210,6 @@ def dataset(job: JobConfig, manifest: dict, train_cfg: TrainConfig) -> Any:
     return ray.data.from_arrow([t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)])
 
 
-def ray_storage(run_url: str) -> tuple[str, str, Any]:
-    """(storage_path, name, filesystem) such that Ray Train's run dir is the run URL itself."""
-    parent, name = storage.parent_and_name(run_url)
-    return parent, name, (None if storage.is_local(run_url) else storage.pyarrow_fs(run_url)[0])
-
-
 def fit_job(job: JobConfig, launched: float) -> dict:
     """Run (or resume) the training job on Ray Train; returns rank 0's summary."""
     manifest = read_manifest(job.data)
@@ -233,7 +231,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep, **checkpoint_scoring(job)),
             worker_runtime_env={"env_vars": forwarded_env()}),
         datasets={"train": data} if data is not None else None, dataset_config=EpochShards(train_cfg.seed))
     progress = Progress(job.out, train_cfg.steps)
@@ -248,7 +246,7 @@ def fit_job(job: JobConfig, launched: float) -> dict:
     # Ray Train writes its record of the kept checkpoints before deleting the old ones, so a run cut
     # short in between leaves a finished checkpoint nobody tracks; at the end of a successful run
     # the newest `keep` on storage are exactly the ones Ray Train kept.
-    for url in prune(job.out, job.keep):
+    for url in prune(job.out, job.keep, best_checkpoints(job)):
         log.info("removed a checkpoint left over by an interrupted run: %s", storage.describe(url))
     return {**(result.return_value or {}), "launch": cfg["launch"], "dataset_digest": manifest["digest"],
             "preset": job.model}

@@ -24,7 +24,7 @@ import datetime
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -388,8 +388,9 @@ def latest_checkpoint(run_url: str) -> str | None:
     return done[-1][1] if done else None
 
 
-def prune(run_url: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` finished checkpoints, and unfinished ones older than those.
+def prune(run_url: str, keep: int, best: Callable[[dict[int, dict]], set[int]] | None = None) -> list[str]:
+    """Delete all but the newest `keep` finished checkpoints (with `best`: the steps it picks from
+    {step: the checkpoint's metrics}), and unfinished ones older than those.
 
     Unfinished directories newer than the newest finished one are left: a save may be in flight.
     Returns the deleted URLs.
@@ -399,7 +400,12 @@ def prune(run_url: str, keep: int) -> list[str]:
     done = list_checkpoints(run_url)
     if not done:
         return []
-    kept = {u for _, u in done[-keep:]}
+    if best is None:
+        kept = {u for _, u in done[-keep:]}
+    else:
+        metrics = {s: json.loads(storage.read_bytes(storage.url_join(u, META))).get("metrics") or {} for s, u in done}
+        chosen = best(metrics)
+        kept = {u for s, u in done if s in chosen}
     newest = done[-1][0]
     doomed = [u for s, u in list_checkpoints(run_url, complete_only=False) if u not in kept and s < newest]
     for u in doomed:

@@ -234,6 +234,7 @@ class Registry:
             "step": meta.get("step"), "samples_seen": meta.get("samples_seen"),
             "dataset_url": meta.get("dataset_url"), "dataset_digest": meta.get("dataset_digest"),
             "metrics": metrics, "weights": weights, "parent": meta.get("parent"),
+            **({"eval": meta["eval"]} if meta.get("eval") else {}),  # what eval_* metrics were measured with
             "files": {f: {"sha256": ck.sha256(d), "bytes": len(d)} for f, d in raw.items()},
             **extra,
         }

@@ -37,7 +37,7 @@ def assert_one_line_error(r, *needles):
 def test_help_lists_every_subcommand():
     r = t2i("--help")
     assert r.returncode == 0
-    for cmd in ("data", "embed", "train", "generate", "registry", "demo"):
+    for cmd in ("data", "embed", "train", "generate", "registry", "eval", "demo"):
         assert cmd in r.stdout
         sub = t2i(cmd, "--help")
         assert sub.returncode == 0 and "usage: t2i " + cmd in sub.stdout, sub.stderr

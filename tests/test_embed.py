@@ -22,7 +22,7 @@ from t2i import storage
 from t2i.data import embedded as E
 from t2i.data.embed import summary_line
 from t2i.data.shapes import encode_png, render, write_shapes
-from t2i.errors import T2IError
+from t2i.errors import ConfigError, T2IError
 
 RES = 16
 
@@ -266,3 +266,35 @@ def test_command_line_passes_every_flag_and_prints_one_line(monkeypatch, capsys)
                     "progress_every": 5.0}
     assert capsys.readouterr().out == ("embed: 8 kept, 2 skipped (corrupt_image 2) of 10 samples from 3 shards in "
                                        "2.0 s (5 samples/s); 1 captions truncated -> s3://b/o\n")
+
+
+def test_holdout_split_is_kept_apart_and_never_trained(ray_cluster, tiny_encoders, tmp_path):
+    """`--holdout 0.25`: the samples whose key hashes below 0.25 go to parts of their own under the
+    manifest's `heldout` entry; `parts`, the counts' train rows and the digest cover the rest; a
+    training run over two epochs trains every training key and no held-out one (its key log)."""
+    from pipelines.train import train
+    from t2i.data.position import read_key_log, seeds_by_key
+
+    data, out = str(tmp_path / "shards"), str(tmp_path / "emb")
+    write_shapes(data, 96, 16, shard_size=32)
+    r = embed_tiny(data, out, tiny_encoders["encoder"], holdout=0.25)
+    m = r["manifest"]
+    keys = [f"{i:08d}" for i in range(96)]
+    held = {k for k, h in zip(keys, E.in_heldout(keys, 0.25)) if h}
+    assert 12 <= len(held) <= 36 and m["counts"]["heldout"] == m["heldout"]["rows"] == len(held)
+    assert m["counts"]["train"] + m["counts"]["heldout"] == m["counts"]["kept"] == 96
+    train_set, held_set = E.load_embedded(out), E.load_embedded(out, split="heldout")
+    assert set(held_set.keys) == held and set(train_set.keys) == set(keys) - held
+    assert m["heldout"]["digest"] != m["digest"] and m["heldout"]["fraction"] == 0.25
+    assert "held out" in summary_line(m, r["shards"], r["seconds"], out)
+    with pytest.raises(T2IError, match="no held-out split"):
+        E.load_embedded(embed_tiny(data, str(tmp_path / "plain"), tiny_encoders["encoder"])["out"], split="heldout")
+    with pytest.raises(ConfigError, match="--holdout must be a fraction in"):
+        embed_tiny(data, str(tmp_path / "bad"), tiny_encoders["encoder"], holdout=1.0)
+
+    run = str(tmp_path / "run")
+    steps = 2 * (len(train_set) // 8)
+    train(out, "flow-debug", run, workers=1, steps=steps, batch_size=8, key_log=True, checkpoint_every=0)
+    by_seed = seeds_by_key(keys, json.loads(storage.read_text(storage.url_join(run, "config.json")))["train"]["seed"])
+    trained = {by_seed[s] for rec in read_key_log(run) for s in rec["seeds"]}
+    assert trained.isdisjoint(held) and len(trained) >= len(train_set) - 7

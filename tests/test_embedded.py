@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from t2i import storage
 from t2i.config import EncoderSpec
@@ -100,7 +101,8 @@ def test_roundtrip_local_and_digest_independent_of_parts(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(emb.tokens, ref["tokens"]))
     m = emb.manifest
     assert m["counts"] == {"read": 32, "kept": 30, "skipped": 2, "skipped_by_reason": {"corrupt_image": 2},
-                           "truncated_captions": 1}
+                           "truncated_captions": 1, "train": 30, "heldout": 0}
+    assert "heldout" not in m  # no held-out split asked for
     assert m["image"]["resolution"] == R and m["encoder"]["dim"] == D
     assert m["text"]["real_tokens"] == int(ref["lengths"].sum())
     assert sum(p["rows"] for p in m["parts"]) == 30
@@ -133,6 +135,47 @@ def test_incomplete_missing_and_tampered(tmp_path):
     open(mpath, "w").write(json.dumps(doc))
     with pytest.raises(T2IError, match="version 99"):
         E.read_manifest(out)
+
+
+def test_streamed_reads_check_each_part_once_and_again_after_a_change(tmp_path):
+    out = str(tmp_path / "ds")
+    table, ref = _rows([f"{i:03d}" for i in range(12)])
+    m = _write(out, [table.slice(0, 6), table.slice(6)])
+    pieces = [(p, np.arange(p["rows"])) for p in m["parts"]]
+    first = pa.concat_tables(E.read_parts_ahead(out, pieces))
+    assert all((os.path.join(out, p["name"]), p["sha256"]) in E._VERIFIED for p in m["parts"])
+    again = pa.concat_tables(E.read_parts_ahead(out, pieces))  # checked by stamp, same rows
+    assert again.equals(first)
+    np.testing.assert_array_equal(E.decode_rows(again.sort_by("key"))["images"], ref["images"])
+    # Changed in place after it was checked: the stamp differs, so the bytes are hashed again.
+    part = os.path.join(out, m["parts"][1]["name"])
+    data = bytearray(open(part, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(part, "wb").write(bytes(data))
+    with pytest.raises(IntegrityError, match=m["parts"][1]["name"]):
+        list(E.read_parts_ahead(out, pieces))
+
+
+def test_batches_keep_stored_dtypes_until_the_device():
+    from t2i.data.batching import rows_to_batch, to_device
+
+    table, ref = _rows([f"{i:03d}" for i in range(10)])
+    batch = rows_to_batch(E.decode_rows(table), base_seed=1)
+    L = int(ref["lengths"].max())
+    assert batch["tokens"].dtype == torch.float16 and batch["tokens"].shape == (10, L, D)
+    assert batch["pooled"].dtype == torch.float16 and batch["image"].dtype == torch.uint8
+    assert batch["mask"].sum(1).tolist() == ref["lengths"].tolist()
+    for i, t in enumerate(ref["tokens"]):
+        np.testing.assert_array_equal(batch["tokens"][i, :len(t)].numpy(), t)
+        assert not batch["tokens"][i, len(t):].any()  # padding is zeros
+    arrow_images = np.frombuffer(table.column("image").chunk(0).buffers()[2], np.uint8)
+    assert np.shares_memory(batch["image"].numpy(), arrow_images)  # no copy of the images on the way
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["tokens"].dtype == torch.float32 and moved["pooled"].dtype == torch.float32
+    assert moved["image"].dtype == torch.uint8 and moved["seed"].device.type == "cpu"
+    on_cpu = to_device(batch, torch.device("cpu"))
+    assert on_cpu["tokens"].dtype == torch.float32
+    assert torch.equal(on_cpu["tokens"], batch["tokens"].float())
 
 
 def test_rows_must_match_kept(tmp_path):

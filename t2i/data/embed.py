@@ -31,6 +31,7 @@ from t2i.data.embedded import (
     ERRORS,
     MANIFEST,
     finalize_manifest,
+    in_heldout,
     read_part,
     write_errors,
     write_manifest,
@@ -46,11 +47,13 @@ PART_BYTES = 64 << 20
 
 # ---------------------------------------------------------------------------------------- driver
 
-def check_options(*, resolution: int, max_tokens: int, batch_size: int) -> None:
-    """Sizes that must be positive; the error names the flag, as the command line spells it."""
+def check_options(*, resolution: int, max_tokens: int, batch_size: int, holdout: float = 0.0) -> None:
+    """Sizes that must be positive, a held-out fraction in [0, 1); the error names the flag."""
     for name, value in (("resolution", resolution), ("max_tokens", max_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout must be a fraction in [0, 1), got {holdout}")
 
 
 def encoder_spec(name: str, kind: str = "encoder", hidden_layer: int = -1, max_tokens: int = 64,
@@ -107,7 +110,8 @@ def summary_line(manifest: Mapping, shards: int, seconds: float, out: str) -> st
     """The one line a finished job prints."""
     c = manifest["counts"]
     reasons = ", ".join(f"{r} {n}" for r, n in c["skipped_by_reason"].items())
-    return (f"embed: {c['kept']} kept, {c['skipped']} skipped{' (' + reasons + ')' if reasons else ''} of "
+    held = f" ({c['heldout']} held out)" if c.get("heldout") else ""
+    return (f"embed: {c['kept']} kept{held}, {c['skipped']} skipped{' (' + reasons + ')' if reasons else ''} of "
             f"{c['read']} samples from {shards} shards in {seconds:.1f} s "
             f"({c['read'] / max(seconds, 1e-9):.0f} samples/s)"
             f"; {c['truncated_captions']} captions truncated -> {storage.describe(out)}")
@@ -229,19 +233,24 @@ def key_hashes(keys: Iterable[str]) -> np.ndarray:
                      for k in keys], dtype=np.uint64)
 
 
-def write_rows(out_url: str, table: pa.Table) -> dict:
-    """Write the kept rows of an encoded work table as one part; account for every row.
+def write_rows(out_url: str, table: pa.Table, holdout: float = 0.0) -> dict:
+    """Write the kept rows of an encoded work table as one part (two with a held-out split:
+    `t2i.data.embedded.in_heldout`); account for every row.
 
-    Returns a summary for `Accumulator.add`: the part entry (or None), per-shard counts, the
+    Returns a summary for `Accumulator.add`: the part entries (or None), per-shard counts, the
     errors (one per skipped row), truncated-caption count, encoder specs seen, and key hashes
-    with shard indices of the kept rows (to find keys repeated across shards).
+    with shard indices of the kept rows, training rows first (to find keys repeated across shards).
     """
     reasons = table.column("reason").to_pylist()
     shards = table.column("shard").to_pylist()
     kept_idx = [i for i, r in enumerate(reasons) if not r]
     kept = table.take(pa.array(kept_idx, pa.int64())) if len(kept_idx) != table.num_rows else table
     kept = kept.sort_by("key")  # the part's row order, so key_hash[i] is the part's row i
-    part = write_part(out_url, kept.select(list(COLUMNS))) if kept.num_rows else None
+    held = in_heldout(kept.column("key").to_pylist(), holdout)
+    kept = pa.concat_tables([kept.filter(pa.array(~held)), kept.filter(pa.array(held))])  # training rows first
+    n_train = int((~held).sum())
+    part = write_part(out_url, kept.slice(0, n_train).select(list(COLUMNS))) if n_train else None
+    heldout_part = write_part(out_url, kept.slice(n_train).select(list(COLUMNS))) if kept.num_rows > n_train else None
     counts: dict[str, dict] = {}
     errors = []
     keys = table.column("key").to_pylist()
@@ -257,7 +266,7 @@ def write_rows(out_url: str, table: pa.Table) -> dict:
         else:
             c["kept"] += 1
     return {
-        "part": part, "shards": counts, "errors": errors,
+        "part": part, "heldout_part": heldout_part, "shards": counts, "errors": errors,
         "truncated": int(np.asarray(kept.column("truncated").to_numpy(zero_copy_only=False)).sum())
         if kept.num_rows else 0,
         "encoders": sorted(set(kept.column("encoder").to_pylist())) if kept.num_rows else [],
@@ -275,14 +284,17 @@ class Accumulator:
         self.errors: list[dict] = []
         self.truncated = 0
         self.encoders: set[str] = set()
-        # One entry per written part: [part entry, key hashes, shard indices], rows in part order.
+        # One entry per written part: [part entry, key hashes, shard indices, split], rows in part order.
         self._parts: list[list] = []
         self._bytes: dict[str, tuple[int, int]] = {}  # shard -> (bytes read so far, its size)
 
     def add(self, summary: Mapping) -> None:
+        hashes, shard_idx = np.frombuffer(summary["key_hash"], np.uint64), np.frombuffer(summary["key_shard"], np.int32)
+        n = summary["part"]["rows"] if summary["part"] else 0  # training rows come first
         if summary["part"]:
-            self._parts.append([dict(summary["part"]), np.frombuffer(summary["key_hash"], np.uint64),
-                                np.frombuffer(summary["key_shard"], np.int32)])
+            self._parts.append([dict(summary["part"]), hashes[:n], shard_idx[:n], "train"])
+        if summary.get("heldout_part"):
+            self._parts.append([dict(summary["heldout_part"]), hashes[n:], shard_idx[n:], "heldout"])
         for shard, c in summary["shards"].items():
             mine = self.counts.setdefault(shard, {"read": 0, "kept": 0, "skipped": {}})
             mine["read"] += c["read"]
@@ -297,7 +309,11 @@ class Accumulator:
 
     @property
     def parts(self) -> list[dict]:
-        return [p[0] for p in self._parts]
+        return [p[0] for p in self._parts if p[3] == "train"]
+
+    @property
+    def heldout_parts(self) -> list[dict]:
+        return [p[0] for p in self._parts if p[3] == "heldout"]
 
     def progress(self) -> float:
         """Fraction of the job's shard bytes read (0..1), shards not yet opened counted at the mean
@@ -342,7 +358,7 @@ class Accumulator:
         if not len(dup):
             return 0
         found: dict[str, list[tuple[int, int, int]]] = {}  # key -> [(shard index, part slot, row)]
-        for slot, (part, hashes, shard_idx) in enumerate(self._parts):
+        for slot, (part, hashes, shard_idx, _) in enumerate(self._parts):
             rows = np.flatnonzero(np.isin(hashes, dup))
             if not len(rows):
                 continue
@@ -361,25 +377,25 @@ class Accumulator:
                 self.errors.append({"shard": self.shards[shard_i], "key": key, "reason": "duplicate_key",
                                     "detail": f"key already kept from {first}"})
         for slot, rows in drop.items():
-            part, hashes, shard_idx = self._parts[slot]
+            part, hashes, shard_idx, split = self._parts[slot]
             keep = np.setdiff1d(np.arange(part["rows"]), rows)
             table = read_part(out_url, part).take(pa.array(keep))
             new = write_part(out_url, table) if len(keep) else None
             if new is None or new["name"] != part["name"]:
                 storage.delete(storage.url_join(out_url, part["name"]))
-            self._parts[slot] = [new, hashes[keep], shard_idx[keep]]
+            self._parts[slot] = [new, hashes[keep], shard_idx[keep], split]
         self._parts = [p for p in self._parts if p[0] is not None]
         return sum(len(r) for r in drop.values())
 
     def finish(self, out_url: str, *, data: str, resolution: int, encoder_fallback: Mapping | None = None,
-               extra: Mapping | None = None) -> dict:
+               extra: Mapping | None = None, holdout: float = 0.0) -> dict:
         """Settle duplicates, write errors.jsonl, then manifest.json (last); returns the manifest."""
         self.settle_duplicates(out_url)
         write_errors(out_url, self.errors)
         shards = [{"url": s, **self.counts[s]} for s in self.shards]
         manifest = finalize_manifest(encoder=self.encoder_spec(encoder_fallback), resolution=resolution,
                                      parts=self.parts, shards=shards, truncated_captions=self.truncated,
-                                     data=data, extra=extra)
+                                     data=data, extra=extra, heldout_parts=self.heldout_parts, holdout=holdout)
         write_manifest(out_url, manifest)
         return manifest
 

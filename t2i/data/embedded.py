@@ -20,6 +20,12 @@ derived from the sum (mod 2^256) of per-row sha256 digests, which does not depen
 grouping of rows, so two runs over the same shards with the same encoder give the same digest even
 though Ray may group rows into parts differently. The part sha256s protect each file's integrity.
 
+A held-out split (`t2i embed --holdout FRACTION`) puts each kept sample whose key hashes below
+FRACTION (`in_heldout`: the first 8 bytes of sha256("heldout:" + key) over 2^64, so a key's split
+never depends on the run) into parts of its own, listed under the manifest's `heldout` entry with
+their own digest. `parts`, the counts' `train` rows and the dataset digest cover the training rows
+only: a trainer reads `parts` and never sees a held-out row.
+
 This module is the format only (write, read, digest); the job that produces it from shards is
 `t2i.data.embed`. `write_arrays` writes in-memory arrays in the same format (tests, benchmarks).
 """
@@ -64,6 +70,8 @@ TRAIN_COLUMNS = tuple(c for c in COLUMNS if c != "source")  # what a trainer hol
 # Credentials must never reach a manifest or an errors file, whatever a caller puts in them.
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _MOD = 1 << 256
+# (part URL, sha256) -> the part's storage stamp when its bytes last matched the sha256 (this process)
+_VERIFIED: dict[tuple[str, str], tuple] = {}
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -163,21 +171,32 @@ def write_errors(out_url: str, errors: list[dict]) -> str:
     return url
 
 
+def in_heldout(keys: Iterable[str], fraction: float) -> np.ndarray:
+    """bool [N]: which keys belong to the held-out split of `fraction` (see the module docstring)."""
+    keys = list(keys)
+    cut = int(fraction * 2**64)
+    return np.array([fraction > 0 and int.from_bytes(hashlib.sha256(b"heldout:" + k.encode()).digest()[:8], "big")
+                     < cut for k in keys], bool)
+
+
+def _clean(parts: list[dict]) -> list[dict]:
+    return [{k: p[k] for k in ("name", "rows", "bytes", "sha256")} for p in sorted(parts, key=lambda p: p["name"])]
+
+
 def finalize_manifest(*, encoder: Mapping, resolution: int, parts: list[dict], shards: list[dict],
                       truncated_captions: int, data: str, errors_file: str = ERRORS,
-                      extra: Mapping | None = None) -> dict:
-    """The manifest dict from part entries and per-shard counts ({url, read, kept, skipped: {reason: n}})."""
+                      extra: Mapping | None = None, heldout_parts: list[dict] = (), holdout: float = 0.0) -> dict:
+    """The manifest dict from part entries and per-shard counts ({url, read, kept, skipped: {reason: n}});
+    with `holdout`, `heldout_parts` hold the held-out rows (kept, but not in `parts`)."""
     by_reason: dict[str, int] = {}
     for s in shards:
         for r, n in s["skipped"].items():
             by_reason[r] = by_reason.get(r, 0) + int(n)
     read = sum(int(s["read"]) for s in shards)
     kept = sum(int(s["kept"]) for s in shards)
-    rows = sum(int(p["rows"]) for p in parts)
-    if rows != kept:
-        raise IntegrityError(f"embedded dataset: parts hold {rows} rows but {kept} samples were kept")
-    clean_parts = [{k: p[k] for k in ("name", "rows", "bytes", "sha256")}
-                   for p in sorted(parts, key=lambda p: p["name"])]
+    rows, held = sum(int(p["rows"]) for p in parts), sum(int(p["rows"]) for p in heldout_parts)
+    if rows + held != kept:
+        raise IntegrityError(f"embedded dataset: parts hold {rows + held} rows but {kept} samples were kept")
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -190,12 +209,15 @@ def finalize_manifest(*, encoder: Mapping, resolution: int, parts: list[dict], s
                  "real_tokens": sum(int(p.get("real_tokens", 0)) for p in parts)},
         "counts": {"read": read, "kept": kept, "skipped": read - kept,
                    "skipped_by_reason": dict(sorted(by_reason.items())),
-                   "truncated_captions": int(truncated_captions)},
+                   "truncated_captions": int(truncated_captions), "train": rows, "heldout": held},
         "shards": shards,
-        "parts": clean_parts,
+        "parts": _clean(parts),
         "errors": errors_file,
         "digest": dataset_digest(parts, encoder, resolution),
     }
+    if holdout > 0:
+        manifest["heldout"] = {"fraction": holdout, "rows": held, "parts": _clean(list(heldout_parts)),
+                               "digest": dataset_digest(list(heldout_parts), encoder, resolution)}
     if extra:
         manifest.update(extra)
     return manifest
@@ -204,7 +226,7 @@ def finalize_manifest(*, encoder: Mapping, resolution: int, parts: list[dict], s
 def write_arrays(url: str, *, images: np.ndarray, captions: list[str], tokens: list[np.ndarray],
                  pooled: np.ndarray, encoder: Any, keys: list[str] | None = None, sources: list[str] | None = None,
                  rows_per_part: int = 1024, data: str = "memory", truncated_captions: int = 0,
-                 extra: Mapping | None = None) -> dict:
+                 extra: Mapping | None = None, holdout: float = 0.0) -> dict:
     """Write in-memory rows as a complete embedded dataset at `url`; returns its manifest.
 
     images: uint8 [N, R, R, 3]; tokens: N float16 [L_i, D] arrays (real tokens only); pooled:
@@ -227,11 +249,14 @@ def write_arrays(url: str, *, images: np.ndarray, captions: list[str], tokens: l
                        [len(t) for t in tokens], [np.ascontiguousarray(p, np.float16).tobytes() for p in pooled],
                        sources)
     step = max(1, int(rows_per_part))
-    parts = [write_part(url, table.slice(i, step)) for i in range(0, n, step)]
+    held = in_heldout(keys, holdout)
+    split = {name: table.filter(pa.array(mask)) for name, mask in (("train", ~held), ("heldout", held))}
+    parts = {name: [write_part(url, t.slice(i, step)) for i in range(0, t.num_rows, step)] for name, t in split.items()}
     spec = dict(encoder) if isinstance(encoder, Mapping) else to_dict(encoder)
-    manifest = finalize_manifest(encoder=spec, resolution=int(images.shape[1]), parts=parts,
+    manifest = finalize_manifest(encoder=spec, resolution=int(images.shape[1]), parts=parts["train"],
                                  shards=[{"url": data, "read": n, "kept": n, "skipped": {}}],
-                                 truncated_captions=truncated_captions, data=data, extra=extra)
+                                 truncated_captions=truncated_captions, data=data, extra=extra,
+                                 heldout_parts=parts["heldout"], holdout=holdout)
     write_errors(url, [])
     write_manifest(url, manifest)
     return manifest
@@ -252,8 +277,13 @@ def held_bytes(manifest: dict) -> int:
     """About what the dataset's TRAIN_COLUMNS take in memory: images, float16 tokens and pooled
     vectors, and some bytes of key and caption per row."""
     res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
-    rows, tokens = int(manifest["counts"]["kept"]), int(manifest["text"]["real_tokens"])
+    rows, tokens = train_rows(manifest), int(manifest["text"]["real_tokens"])
     return rows * (res * res * 3 + 2 * dim + 64) + 2 * dim * tokens
+
+
+def train_rows(manifest: dict) -> int:
+    """The rows a trainer reads: every kept sample but the held-out split's."""
+    return sum(int(p["rows"]) for p in manifest["parts"])
 
 
 def read_manifest(url: str) -> dict:
@@ -310,11 +340,40 @@ def take_rows(table: pa.Table, idx: np.ndarray) -> pa.Table:
     return table.take(pa.array(idx))
 
 
-def read_parts_ahead(url: str, pieces: list[tuple[Mapping, np.ndarray]], ahead: int = 2) -> Iterator[pa.Table]:
-    """The rows `idx` of each (part entry, idx) in turn, verified parts read `ahead` at a time on threads
-    (reading overlaps whatever the caller does with the previous table)."""
+def read_part_once_verified(url: str, entry: Mapping, columns: list[str] | None = None) -> pa.Table:
+    """`read_part`, with the sha256 checked the first time this process reads the part and again
+    whenever its storage stamp (size and ETag, or mtime and inode) has changed since that check.
+
+    A streamed dataset is read every epoch, and checking costs more than decoding: sha256 runs at
+    ~1 GB/s a core, and the whole part has to be read into one Python bytes object first (fresh
+    memory, page-faulted in every time). Once checked, a part is read by pyarrow itself into
+    buffers from Arrow's memory pool. The stamp is taken before the checked read and compared
+    after each later one, so a write to the part at any time from before that check to after a
+    later read sends that read back to the checked path (which names the part if it changed).
+    """
+    purl = storage.url_join(url, entry["name"])
+    key = (purl, entry["sha256"])
+    stamp = _VERIFIED.get(key)
+    if stamp is not None:
+        fs, path = storage.pyarrow_fs(purl)
+        try:
+            table = pq.read_table(path, filesystem=fs, columns=columns)
+            if table.num_rows == entry["rows"] and storage.stamp(purl) == stamp:
+                return table
+        except Exception:  # (changed under us, or a storage error: the checked read says which)
+            pass
+    stamp = storage.stamp(purl)
+    table = read_part(url, entry, verify=True, columns=columns)
+    _VERIFIED[key] = stamp
+    return table
+
+
+def read_parts_ahead(url: str, pieces: list[tuple[Mapping, np.ndarray]], ahead: int = 2,
+                     columns: tuple[str, ...] = COLUMNS) -> Iterator[pa.Table]:
+    """The rows `idx` of each (part entry, idx) in turn, verified parts (`read_part_once_verified`)
+    read `ahead` at a time on threads (reading overlaps whatever the caller does with the previous table)."""
     def read(piece):
-        return take_rows(read_part(url, piece[0], columns=list(COLUMNS)), piece[1])
+        return take_rows(read_part_once_verified(url, piece[0], columns=list(columns)), piece[1])
 
     with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="t2i-parts") as pool:
         futures = [pool.submit(read, p) for p in pieces[:ahead]]
@@ -430,13 +489,19 @@ class Embedded:
         return len(self.keys)
 
 
-def load_embedded(url: str, verify: bool = True) -> Embedded:
-    """Read every part of the dataset at `url` into memory, rows sorted by key.
+def load_embedded(url: str, verify: bool = True, split: str = "train") -> Embedded:
+    """Read every part of one split of the dataset at `url` into memory, rows sorted by key:
+    "train" (what a trainer reads) or "heldout" (`t2i embed --holdout`).
 
     With `verify`, every part's sha256 is checked against the manifest first.
     """
     manifest = read_manifest(url)
-    tables = [read_part(url, p, verify=verify) for p in manifest["parts"]]
+    if split not in ("train", "heldout"):
+        raise T2IError(f"split {split!r}: expected 'train' or 'heldout'")
+    if split == "heldout" and "heldout" not in manifest:
+        raise T2IError(f"{storage.describe(url)}: no held-out split (embed it with --holdout FRACTION)")
+    parts = manifest["parts"] if split == "train" else manifest["heldout"]["parts"]
+    tables = [read_part(url, p, verify=verify) for p in parts]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     table = table.sort_by("key")
     res = int(manifest["image"]["resolution"])

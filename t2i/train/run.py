@@ -31,12 +31,14 @@ from t2i import checkpoint as ck
 from t2i import mlflow_registry, storage
 from t2i.config import EncoderSpec, TrainConfig, from_dict, load_file, parse_sets, replace, to_dict
 from t2i.data import position
+from t2i.data.embedded import train_rows
 from t2i.data.position import DataPosition
 from t2i.errors import ConfigError, T2IError
 from t2i.families import family
 from t2i.presets import get_preset
 from t2i.registry import Registry
 from t2i.text import TextEncoder
+from t2i.train import evaluation
 from t2i.train.distributed import broadcast, gather, state_digests
 from t2i.train.loop import EvalPrompts, write_samples
 from t2i.train.runlog import RunFiles
@@ -75,6 +77,10 @@ class JobConfig:
     key_log: bool = False  # write every step's sample seeds under RUN/keys/ (an audit of exact data accounting)
     strategy: str = "ddp"  # ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, grads, Adam, EMA sharded)
     compile: bool = False  # torch.compile the modules the family's step can run compiled
+    eval_every: int = 0  # FD/KID/precision/recall/R@k every K steps, at checkpoints (t2i.train.evaluation)
+    eval_features: str = ""  # the feature model for them: a `t2i eval fit-features` dir, clip:DIR or dino:DIR
+    eval_n: int = 64  # rows of the held-out split (else of the training rows) they are measured on
+    keep_best: str = ""  # keep the --keep best checkpoints by this metric (fd, kid, precision, recall, r_at_k)
     address: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's model
     train: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's TrainConfig
@@ -159,6 +165,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "fsdp: FSDP2 shards parameters, gradients, optimizer state and EMA over the workers (flow models)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step's networks (the first steps pay for compiling)")
+    p.add_argument("--eval-every", type=int, metavar="K", help="FD, KID, precision/recall and R@k at every "
+                   "checkpoint whose step is a multiple of K (and the last), into metrics.jsonl and the card")
+    p.add_argument("--eval-features", metavar="DIR", help="feature model for --eval-every / --keep-best: a "
+                   "`t2i eval fit-features` directory, clip:DIR or dino:DIR")
+    p.add_argument("--eval-n", type=int, help="held-out rows (else training rows) the metrics use (default 64)")
+    p.add_argument("--keep-best", metavar="METRIC", help="keep the --keep best checkpoints by fd, kid, precision, "
+                   "recall, r_at_1 or r_at_5 (scored at every checkpoint), and the latest")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
 
@@ -206,7 +219,8 @@ def resolve_model(job: JobConfig, manifest: dict) -> tuple[Any, TrainConfig]:
     if model_cfg.text_dim != dim:
         raise ConfigError(f"model_config.text_dim {model_cfg.text_dim} does not match the dataset's encoder "
                           f"dim {dim}")
-    rows = int(manifest["counts"]["kept"])
+    evaluation.check_options(job.eval_every, job.keep_best, job.eval_features, train_cfg.checkpoint_every)
+    rows = train_rows(manifest)
     if train_cfg.steps < 1:
         raise ConfigError("--steps must be >= 1")
     if train_cfg.batch_size % job.workers:
@@ -227,7 +241,7 @@ def write_run_config(job: JobConfig, model_cfg: Any, train_cfg: TrainConfig, man
         "train": to_dict(train_cfg),
         "encoder": manifest["encoder"],
         "dataset": {"url": storage.describe(job.data), "digest": manifest["digest"],
-                    "rows": int(manifest["counts"]["kept"]), "resolution": int(manifest["image"]["resolution"])},
+                    "rows": train_rows(manifest), "resolution": int(manifest["image"]["resolution"])},
     }
     url = storage.url_join(job.out, "config.json")
     if storage.exists(url):
@@ -257,7 +271,39 @@ def worker_config(job: JobConfig, manifest: dict, model_cfg: Any, train_cfg: Tra
         "config": write_run_config(job, model_cfg, train_cfg, manifest), "eval": dataset_prompts(job, manifest),
         "parent": resolve_parent(job, manifest), "launch": uuid.uuid4().hex[:12], "launched": launched,
         "trackers": job.tracker, "key_log": job.key_log, "strategy": job.strategy, "compile": job.compile,
+        "evaluation": checkpoint_evaluation(job, train_cfg),
     }
+
+
+def checkpoint_evaluation(job: JobConfig, train_cfg: TrainConfig) -> dict | None:
+    """What `Run` needs for --eval-every / --keep-best (None without them); the feature model is
+    opened here first, so that a missing one is said before Ray starts."""
+    every = job.eval_every or (train_cfg.checkpoint_every if job.keep_best else 0)
+    if not every and not job.keep_best:
+        return None
+    evaluation.open_features(job.eval_features)
+    return {"every": every, "features": job.eval_features, "rows": evaluation.eval_set(job.data, job.eval_n)}
+
+
+def ray_storage(run_url: str) -> tuple[str, str, Any]:
+    """(storage_path, name, filesystem) such that Ray Train's run dir is the run URL itself."""
+    parent, name = storage.parent_and_name(run_url)
+    return parent, name, (None if storage.is_local(run_url) else storage.pyarrow_fs(run_url)[0])
+
+
+def checkpoint_scoring(job: JobConfig) -> dict:
+    """Ray Train's CheckpointConfig scoring for --keep-best (it keeps the best and the latest)."""
+    if not job.keep_best:
+        return {}
+    order = "min" if evaluation.METRICS[job.keep_best] else "max"
+    return {"checkpoint_score_attribute": f"eval_{job.keep_best}", "checkpoint_score_order": order}
+
+
+def best_checkpoints(job: JobConfig):
+    """`t2i.checkpoint.prune`'s choice for --keep-best: the --keep best steps by the metric."""
+    if not job.keep_best:
+        return None
+    return lambda metrics: evaluation.best_steps(job.keep_best, job.keep, metrics)
 
 
 def dataset_changed(run_url: str, data_url: str, trained: str, now: str) -> str:
@@ -382,7 +428,7 @@ class Run:
     def __init__(self, run_url: str, state: TrainState, *, rank: int = 0, world: int = 1, encoder: Any = None,
                  data_url: str = "", dataset_digest: str = "", prompts: EvalPrompts | None = None,
                  launch: str = "", trackers: tuple[str, ...] = (), config: dict | None = None,
-                 key_log: bool = False):
+                 key_log: bool = False, evaluation: dict | None = None):
         self.url, self.state, self.rank, self.world = run_url, state, rank, world
         self.encoder = to_dict(encoder) if dataclasses.is_dataclass(encoder) else encoder
         self.data_url, self.dataset_digest, self.prompts, self.launch = data_url, dataset_digest, prompts, launch
@@ -393,6 +439,7 @@ class Run:
         self.tracker_names, self.config, self.trackers = trackers, config or {}, None
         self.last_metrics: dict = {}
         self.observers: list = []  # more callables fed every logging record (e.g. Ray's metrics gauges)
+        self.evaluation, self.evaluator = evaluation, None  # --eval-every: its settings; rank 0's CheckpointEval
 
     def resume(self, url: str | None) -> dict:
         """Load `url` (None: a fresh start) on every rank; returns the start event (rank 0 records it)."""
@@ -487,6 +534,8 @@ class Run:
         records = self.pos.merge(gather(self.pos.pending))  # every rank's steps since the last checkpoint
         snap = snapshot(self.state, keep=self.rank == 0)  # every rank: gathering FSDP shards is a collective
         if self.rank == 0:
+            net = self.sampler(snap) if is_sharded(self.state) else self.state.ema
+            scored = self.evaluate(step, net)  # before the checkpoint: its metrics carry the scores
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
             if self.key_log:  # before the checkpoint: chunks past a resume point are pruned, never missing
@@ -497,12 +546,12 @@ class Run:
                 "metrics": self.metrics(), "run_url": storage.describe(self.url),
                 "dataset_url": storage.describe(self.data_url), "dataset_digest": self.dataset_digest,
                 **({"parent": self.parent} if self.parent else {}),
+                **({"eval": self.evaluator.describe()} if scored else {}),
             })
             saved = time.perf_counter() - t0
             if self.prompts is not None:
                 sheet = write_samples(self.state, self.prompts, storage.url_join(self.url, "samples",
-                                                                                 f"step_{step:06d}.png"),
-                                      net=self.sampler(snap) if is_sharded(self.state) else None)
+                                                                                 f"step_{step:06d}.png"), net=net)
                 if self.trackers is not None:
                     self.trackers.image("samples", sheet, step)
             if self.trackers is not None:
@@ -512,6 +561,21 @@ class Run:
                               "state": digests})
         self.last_ckpt = step
         return url
+
+    def evaluate(self, step: int, net: torch.nn.Module) -> dict:
+        """Rank 0: the eval_* metrics of `net` when this checkpoint is due for them (every
+        `evaluation["every"]` steps and the last), logged as their own metrics.jsonl record and
+        kept in the metrics this checkpoint and Ray Train's scoring see; {} otherwise."""
+        ev = self.evaluation
+        if not ev or (step % ev["every"] and step < self.state.train_cfg.steps):
+            return {}
+        if self.evaluator is None:
+            self.evaluator = evaluation.CheckpointEval(ev["features"], ev["rows"], self.state.runtime.device)
+        scores = self.evaluator(net, self.state.model_cfg)
+        metrics = self.last_metrics
+        self.log({"step": step, **scores})
+        self.last_metrics = {**metrics, **scores}
+        return scores
 
     def sampler(self, snap: Snapshot) -> torch.nn.Module:
         """The sampling network with the snapshot's EMA weights, whole on this rank (under FSDP the

@@ -118,7 +118,7 @@ class Progress(threading.Thread):
         self.files, self.total, self.every = RunFiles(run_url), total_steps, every
         self.stop_event = threading.Event()
         self.seen_events = len(self._safe(self.files.events))
-        self.last_step = -1
+        self.last_step = self.eval_step = -1
         self.stamps: dict[str, tuple | None] = {}
         self.cache: dict[str, list] = {}
 
@@ -153,7 +153,12 @@ class Progress(threading.Thread):
         self.seen_events = max(self.seen_events, len(events))
         for step, is_event, rec in sorted(items, key=lambda x: x[:2]):
             if not is_event:
-                if step > self.last_step:
+                if any(k.startswith("eval_") for k in rec):  # a checkpoint's metrics, not a training window
+                    if step > self.eval_step:
+                        log.info("eval at step %d: %s", step, " ".join(f"{k[5:]}={v:.4g}" for k, v in sorted(
+                            rec.items()) if k.startswith("eval_")))
+                        self.eval_step = step
+                elif step > self.last_step:
                     log.info("%s", format_line(rec, self.total))
                     self.last_step = step
             elif rec.get("event") == "start":
