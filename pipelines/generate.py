@@ -1,11 +1,9 @@
 """Generate images from a prompt file with a registered model, on Ray Data or in this process.
 
-The work, the provenance and the output bookkeeping are `t2i.generate`; this module runs its
-`ImageMaker` in an actor pool (one actor per GPU, else single-threaded CPU actors) over the rows
-still to do. A few prompts (`t2i.generate.runs_here`: no cluster in play) run in this process
-instead: starting Ray and its actors takes seconds, a one-step model makes an image in
-milliseconds. Either way the bytes are the same (see `t2i.generate` for why they do not depend on
-batch size, actor count or where they are made).
+`t2i.generate` does the work and the bookkeeping; this module runs its `ImageMaker` in an actor
+pool (one actor per GPU, else single-threaded CPU actors). A few prompts with no cluster in play
+(`t2i.generate.runs_here`) run in this process, since Ray's start-up takes seconds and a one-step
+model milliseconds; the bytes are the same either way.
 """
 
 from __future__ import annotations

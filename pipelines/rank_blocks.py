@@ -1,15 +1,13 @@
 """Per-rank shards of an embedded dataset, dealt afresh every epoch, no coordinator.
 
 Ray's `streaming_split` hands blocks to ranks as they ask, so which rows a rank trains depends on
-timing and a resume cannot tell which rows of its epoch are left. Here each rank works out its own
-rows from (seed, epoch, unit sizes, world) with `t2i.data.position.deal`, so an epoch replays
-exactly and a resume deals out only the rows its checkpoint has not trained, over any world size.
-`RankBlocks` serves a dataset held in the object store (`EpochShards` hands it to Ray Train);
-`RankParts` one too big for that, each rank reading its own parquet parts (sha256-checked, a few
-ahead on threads). Both are `DataIterator`s (`iter_torch_batches`, its prefetch and seeded local
-shuffle buffer work as usual, with batches kept in the dealt order) through its one abstract hook,
-`_to_ref_bundle_iterator`, which is private to Ray Data (tests/test_rank_blocks.py pins it to the
-Ray minor version).
+timing and a resume cannot tell which of its epoch's rows are left. Here each rank works out its
+rows from (seed, epoch, unit sizes, world) with `t2i.data.position.deal`: an epoch replays exactly
+and a resume deals out only the rows its checkpoint has not trained, over any world size.
+`RankBlocks` serves a dataset held in the object store (`EpochShards` hands it to Ray Train),
+`RankParts` one each rank streams from its own parquet parts. Both are `DataIterator`s, through
+its one abstract hook `_to_ref_bundle_iterator`, private to Ray Data (tests/test_rank_blocks.py
+pins it to the Ray minor version); RankParts batches through `t2i.data.loader` instead.
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from ray.data.block import BlockAccessor
 from ray.data.iterator import DataIterator
 
 from t2i.data.embedded import SCHEMA, part_keys, read_parts_ahead, take_rows
+from t2i.data.loader import part_batches
 from t2i.data.position import deal, kept_rows
 
 
@@ -116,6 +115,16 @@ class RankParts(_RankShard):
 
     def bundles(self, pieces):
         return map(_entry, read_parts_ahead(self.data_url, [(self.parts[b], idx) for b, idx in pieces], self.ahead))
+
+    def iter_torch_batches(self, *, batch_size: int, collate_fn, drop_last: bool = False, prefetch_batches: int = 1,
+                           local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None, **_):
+        """The trainer's batches without Ray's batcher, whose shuffle buffer copied every row three times
+        (0.5x a bare read at 256 px; benchmarks/loader_throughput.py): `t2i.data.loader` copies it once."""
+        c = collate_fn  # pipelines.train.Collate: what the batches are made of
+        pieces = [(self.parts[b], idx) for b, idx in self.pieces(self.epoch, self._exclude)]
+        return part_batches(self.data_url, pieces, batch_size=batch_size, buffer_rows=local_shuffle_buffer_size or
+                            batch_size, seed=local_shuffle_seed or 0, resolution=c.resolution, dim=c.dim,
+                            base_seed=c.seed, pin=c.pin, drop_last=drop_last, prefetch=max(1, prefetch_batches))
 
 
 class EpochShards(ray.train.DataConfig):

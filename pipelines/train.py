@@ -1,14 +1,10 @@
-"""Train a model on an embedded dataset with Ray Train: DDP workers, checkpoints, resume, registration.
+"""Train a model on an embedded dataset with Ray Train: DDP/FSDP workers, checkpoints, resume, registration.
 
-A `TorchTrainer` runs `train_func` on N workers (gloo on CPU, NCCL on GPU). Each worker streams its
-shard of the embedded Parquet dataset (`iter_torch_batches`, local shuffle buffer, tokens padded per
-batch) into the library's one training loop, `t2i.train.loop.fit`; the global batch is the same
-whatever N is. The run directory (`--out`, local or s3://) is also Ray Train's run directory: see
-`t2i.train.run` for its files (Ray Train adds checkpoint_manager_snapshot.json, its own record of
-the reported checkpoints).
-
-A worker that dies restarts the group from the latest checkpoint (`--max-failures`); relaunching
-the same command with the same `--out` resumes; a different `--out` starts fresh.
+A `TorchTrainer` runs `train_func` on N workers (gloo on CPU, NCCL on GPU); each feeds its shard
+(pipelines/rank_blocks.py) into the one training loop, `t2i.train.loop.fit`, at a global batch
+that does not depend on N. The run directory (`--out`) is Ray Train's too (`t2i.train.run` lists
+its files). A dead worker restarts the group from the latest checkpoint (`--max-failures`); the
+same command with the same `--out` resumes.
 """
 
 from __future__ import annotations

@@ -258,12 +258,12 @@ def test_command_line_passes_every_flag_and_prints_one_line(monkeypatch, capsys)
                               "--hidden-layer", "-2", "--prefix", "P: ", "--resolution", "24", "--max-tokens", "9",
                               "--batch-size", "5", "--min-size", "3", "--encoders", "2", "--encoder-threads", "1",
                               "--rows-per-part", "7", "--overwrite", "--address", "auto",
-                              "--progress-every", "5"])
+                              "--progress-every", "5", "--holdout", "0.1"])
     assert embed_job.run(args) == 0
     assert seen == {"data": "d/", "out": "s3://b/o", "encoder": "enc", "encoder_kind": "t5", "hidden_layer": -2,
                     "prefix": "P: ", "resolution": 24, "max_tokens": 9, "batch_size": 5, "min_size": 3,
                     "encoders": 2, "encoder_threads": 1, "rows_per_part": 7, "overwrite": True, "address": "auto",
-                    "progress_every": 5.0}
+                    "progress_every": 5.0, "holdout": 0.1}
     assert capsys.readouterr().out == ("embed: 8 kept, 2 skipped (corrupt_image 2) of 10 samples from 3 shards in "
                                        "2.0 s (5 samples/s); 1 captions truncated -> s3://b/o\n")
 

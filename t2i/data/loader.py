@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from t2i.data.batching import gather_batch
-from t2i.data.embedded import decode_rows
+from t2i.data.embedded import TRAIN_COLUMNS, decode_rows, read_parts_ahead
 
 T = TypeVar("T")
 
@@ -118,3 +118,14 @@ def prefetched(items: Iterable[T], ahead: int = 2) -> Iterator[T]:
             yield x
     finally:
         stop.set()
+
+
+def part_batches(data_url: str, pieces: list, *, batch_size: int, buffer_rows: int, seed: int, resolution: int,
+                 dim: int, base_seed: int = 0, pin: bool = False, drop_last: bool = True,
+                 prefetch: int = 2) -> Iterator[dict]:
+    """A rank's streamed epoch: the rows `idx` of each (part entry, idx) of `pieces`, read one part
+    ahead (sha256-checked), shuffled within windows and batched on a background thread."""
+    tables = read_parts_ahead(data_url, pieces, 1, columns=TRAIN_COLUMNS)
+    return prefetched(shuffled_batches(tables, batch_size=batch_size, buffer_rows=buffer_rows, seed=seed,
+                                       resolution=resolution, dim=dim, base_seed=base_seed, pin=pin,
+                                       drop_last=drop_last), prefetch)
