@@ -333,7 +333,7 @@ def write_markdown(res: dict) -> None:
         "`Collate`, prefetch and seeded local shuffle buffer of 8 batches) over the dataset held in the object "
         "store, or streamed by `RankParts` (each rank reads its parts every epoch, sha256-checked). "
         "`t2i.data.loader` = the same rank's blocks or parts, shuffled in windows of the same size and gathered "
-        "straight into the batch tensors on a background thread (not yet what `t2i train` runs). Batches are "
+        "straight into the batch tensors on a background thread (what `t2i train` runs for streamed data). Batches are "
         "taken as the training step's `to_device` gets them: on a GPU node the copy to the device and the "
         "float16 -> float32 widening of the token states run on the GPU. A held dataset's one-time read into "
         "the object store is not part of an epoch. CPU time is this process's: Ray's own processes on the same "
