@@ -31,7 +31,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import git_commit, write_section  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from t2i.config import (  # noqa: E402
@@ -236,14 +235,6 @@ def verdict(families: dict) -> tuple[str | None, bool]:
     return better, ok
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def markdown(res: dict) -> str:
     def pct(x):
         return f"{100 * x:.1f}%"
@@ -352,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     better, ok = verdict(merged)
     res = {
         "benchmark": "quality_shapes", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(), "num": args.num, "train_samples": args.num, "resolution": RESOLUTION,
+        "commit": git_commit(), "num": args.num, "train_samples": args.num, "resolution": RESOLUTION,
         "encoder": encoder.spec.name, "per_prompt": args.per_prompt, "per_heldout": args.per_heldout,
         "prompts": {s: len(rows[s]["captions"]) for s in rows}, "holdout": [list(x) for x in shapes.DEFAULT_HOLDOUT],
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),

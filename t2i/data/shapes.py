@@ -272,6 +272,19 @@ def shard_bytes(samples: Iterable[Mapping]) -> bytes:
     return buf.getvalue()
 
 
+def prepare_out(out_url: str, overwrite: bool, info_file: str = INFO_FILE, clear: bool = True) -> None:
+    """Refuse a non-empty shard directory unless `overwrite`; with `clear`, remove the shards and
+    info file a previous run wrote there (nothing else), and make sure the directory exists."""
+    existing = storage.listdir(out_url)
+    if existing and not overwrite:
+        raise T2IError(f"{storage.describe(out_url)}: output exists and is not empty (use --overwrite)")
+    if clear:
+        for url in existing:
+            if url.endswith(".tar") or url.rstrip("/").endswith(info_file):
+                storage.delete(url)
+        storage.makedirs(out_url)
+
+
 def write_shapes(
     out_url: str,
     num: int,
@@ -292,14 +305,7 @@ def write_shapes(
     if num < 1 or shard_size < 1:
         raise ConfigError(f"num ({num}) and shard size ({shard_size}) must be positive")
     holdout = validate_holdout(holdout)
-    existing = storage.listdir(out_url)
-    if existing:
-        if not overwrite:
-            raise T2IError(f"{storage.describe(out_url)}: output exists and is not empty (use --overwrite)")
-        for url in existing:
-            if url.endswith(".tar") or url.rstrip("/").endswith(INFO_FILE):
-                storage.delete(url)
-    storage.makedirs(out_url)
+    prepare_out(out_url, overwrite)
     shards = []
     n_shards = (num + shard_size - 1) // shard_size
     for si in range(n_shards):
