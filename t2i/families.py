@@ -68,8 +68,12 @@ def train_step(state: Any, batch: dict) -> dict:
 
 def compile_modules(state: Any) -> Any:
     """torch.compile, in place, the trained modules the family's step can run compiled. In place
-    (`nn.Module.compile`): names, state dicts, DDP wrapping and FSDP sharding stay as they were."""
+    (`nn.Module.compile`): names, state dicts, DDP wrapping and FSDP sharding stay as they were.
+
+    Static shapes: the token count changes from batch to batch, and inductor's dynamic-shape code
+    for the GAN's masked attention failed a stride check on CPU (torch 2.13) once it went dynamic.
+    Each new caption length compiles once; past torch._dynamo's cache limit the rest run eager."""
     for name in family(state.family).compiled:
         m = state.modules[name]
-        (m.module if hasattr(m, "module") else m).compile()
+        (m.module if hasattr(m, "module") else m).compile(dynamic=False)
     return state

@@ -75,11 +75,16 @@ def test_strategy_and_compile_options(tmp_path):
 
 
 def _batches(cfg, n: int) -> list[dict]:
+    """Batches whose token count changes from one to the next, as real ones do (5, 7, 5, 7, ...)."""
     g, R, D = torch.Generator().manual_seed(0), cfg.resolution, cfg.text_dim
-    lengths = 3 + torch.arange(8)[:, None] % 3
-    return [{"image": torch.randint(0, 256, (8, R, R, 3), dtype=torch.uint8, generator=g),
-             "tokens": torch.randn(8, 5, D, generator=g), "mask": torch.arange(5).expand(8, 5) < lengths,
-             "pooled": torch.randn(8, D, generator=g), "seed": torch.arange(8) + 100 * i} for i in range(n)]
+    out = []
+    for i in range(n):
+        L = 5 + 2 * (i % 2)
+        out.append({"image": torch.randint(0, 256, (8, R, R, 3), dtype=torch.uint8, generator=g),
+                    "tokens": torch.randn(8, L, D, generator=g),
+                    "mask": torch.arange(L).expand(8, L) < 3 + torch.arange(8)[:, None] % 3,
+                    "pooled": torch.randn(8, D, generator=g), "seed": torch.arange(8) + 100 * i})
+    return out
 
 
 @pytest.mark.parametrize("preset", ["flow-debug", "gan-debug"])
