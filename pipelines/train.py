@@ -126,7 +126,7 @@ def train_func(cfg: dict) -> dict:
     if url is not None and not tracked:
         # Ray Train did not record this checkpoint (its report was lost): hand it over, so that
         # its retention policy and later restarts see it.
-        report(w, ctx, {"step": state.step}, state.step)
+        report(w, ctx, {"step": state.step, **w.metrics()}, state.step)
     parallelize(state, cfg["strategy"])
     if cfg["compile"]:
         compile_modules(state)

@@ -455,6 +455,9 @@ class Run:
             self.pos = position.restore(saved.meta.get("data_position") or {}, ck.read_seen(url))
             self.parent = saved.meta.get("parent") or ""
             self.last_ckpt = self.state.step
+            # What the checkpoint was scored with: if its report to Ray Train was lost, it is handed
+            # over again with them (a report without --keep-best's metric would rank it best).
+            self.last_metrics = dict(saved.meta.get("metrics") or {})
             # What the checkpoint says it saved and what loading it gave: a resume is checkable
             # even when the worker died before the checkpoint's event was written.
             start.update(resumed_from=storage.describe(url), step=self.state.step,
