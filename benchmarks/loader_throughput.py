@@ -51,7 +51,8 @@ from _report import write_section  # noqa: E402
 from t2i.config import EncoderSpec, TrainConfig, to_dict  # noqa: E402
 from t2i.data import embedded as E  # noqa: E402
 from t2i.data.embed import rows_per_part  # noqa: E402
-from t2i.data.loader import prefetched, shuffled_batches  # noqa: E402
+from t2i.data.loader import part_batches, prefetched, shuffled_batches  # noqa: E402
+from t2i.data.position import deal  # noqa: E402
 from t2i.presets import PRESETS, footprint  # noqa: E402
 from t2i.runtime import seed_from  # noqa: E402
 from t2i.train.run import JobConfig  # noqa: E402
@@ -165,25 +166,20 @@ def loader_epoch(shard, manifest: dict, epoch: int, shuffle: bool) -> dict:
 
 def gather_epoch(shard, url: str, manifest: dict, epoch: int) -> dict:
     """One epoch of the same rank's rows through `t2i.data.loader` instead of Ray's batcher: the
-    blocks as Ray hands them over (held) or the parts as the rank reads them (streamed), shuffled
-    and gathered straight into the batch's tensors on a background thread."""
-    from pipelines.rank_blocks import RankParts
-
+    blocks as Ray hands them over (held) or, for the streamed dataset, the rank's dealt parts read
+    one ahead (`part_batches`, what `t2i train` runs for streamed data; t2i only, no pipelines code),
+    shuffled and gathered straight into the batch's tensors on a background thread."""
     job = JobConfig()
     res, dim = int(manifest["image"]["resolution"]), int(manifest["encoder"]["dim"])
+    opts = dict(batch_size=BATCH, buffer_rows=job.shuffle_buffer or 8 * BATCH, seed=seed_from(SEED, epoch) % 2**32,
+                resolution=res, dim=dim, base_seed=SEED)
+    if shard is None:  # streamed
+        parts = manifest["parts"]
+        pieces = [(parts[b], idx) for b, idx in deal([p["rows"] for p in parts], SEED, epoch, 1)[0]]
+        return consume(part_batches(url, pieces, **opts, prefetch=job.prefetch_batches))
     shard.set_epoch(epoch)
-    if isinstance(shard, RankParts):
-        # One part ahead, not RankParts' two: a window holds its parts until it is dealt, and every
-        # part more in flight was memory the allocator had let go and had to fault in again
-        # (about 1.5x the CPU per sample on one core).
-        tables = E.read_parts_ahead(url, [(shard.parts[b], idx) for b, idx in shard.pieces(epoch)], 1,
-                                    columns=E.TRAIN_COLUMNS)
-    else:
-        tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=job.prefetch_batches)
-    batches = prefetched(shuffled_batches(tables, batch_size=BATCH, buffer_rows=job.shuffle_buffer or 8 * BATCH,
-                                          seed=seed_from(SEED, epoch) % 2**32, resolution=res, dim=dim,
-                                          base_seed=SEED), job.prefetch_batches)
-    return consume(batches)
+    tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=job.prefetch_batches)
+    return consume(prefetched(shuffled_batches(tables, **opts), job.prefetch_batches))
 
 
 def held_shard(url: str, manifest: dict):
@@ -220,7 +216,8 @@ def measure_dataset(url: str, rounds: int, paths: list[str], log) -> dict:
             if path == "bare":
                 r = bare_read(url, manifest)
             elif path.endswith("gather"):
-                r = gather_epoch(shards[path.split("-")[0]], url, manifest, epoch)
+                kind = path.split("-")[0]
+                r = gather_epoch(shards[kind] if kind == "held" else None, url, manifest, epoch)
                 epoch += 1
             else:
                 r = loader_epoch(shards[path.split("-")[0]], manifest, epoch, not path.endswith("noshuffle"))
