@@ -26,13 +26,10 @@ log = logging.getLogger("t2i.demo")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="directory for everything the demo writes (default: %(default)s)")
-    p.add_argument("--model", default="flow-s",
-                   help="preset to train (default: %(default)s, the family that passes the shapes quality bar; "
-                        "gan-s also works)")
+    p.add_argument("--model", default="flow-s", help="preset to train (default: %(default)s; gan-s also works)")
     p.add_argument("--num", type=int, default=10000, help="shapes samples to generate (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=32, help="image size in pixels (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1400,
-                   help="training steps (default: %(default)s, a demo budget; the preset's own is longer)")
+    p.add_argument("--steps", type=int, default=1400, help="training steps (default: %(default)s, a demo budget)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--per-prompt", type=int, default=8, help="images per evaluation prompt (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
@@ -71,6 +68,7 @@ def demo(out: str = "demo-out", *, model: str = "flow-s", num: int = 10000, reso
     acc = score_generated(gen_dir, expected)
     report = {
         "model": f"{name} ({model})", "accuracy_seen": acc.get("seen"), "accuracy_heldout": acc.get("heldout"),
+        "diversity": acc.get("diversity"),  # spread of shape position/size per prompt vs the data's (1 = as varied)
         "images": len(expected), "generate_images_per_s": len(expected) / timings["generate"],
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -88,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     print("t2i demo report")
     print(f"  model            {r['model']}, registered in {r['registry']}")
     print(f"  accuracy         seen prompts {r['accuracy_seen']:.1%}, held-out prompts {r['accuracy_heldout']:.1%}"
-          f" (all three attributes right, {r['per_prompt']} images per prompt)")
+          f" (all three attributes right, {r['per_prompt']} images per prompt)\n  diversity        {r['diversity']:.2f}"
+          " (per prompt, spread of the shape's position and size over its images / the data's; median)")
     print(f"  generation       {r['images']} images in {r['stage_seconds']['generate']:.1f} s "
           f"({r['generate_images_per_s']:.1f} images/s, Ray start-up included)")
     print("  stages           " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stage_seconds"].items()))

@@ -31,7 +31,7 @@ and pooling, with its float16 rounding), per-row noise (t2i.runtime.row_draws) a
 Heun steps of t2i.sampling.flow_sample; the tests compare each against t2i.
 
 Time convention (flow). t2i: x_t = (1 - t) x0 + t eps, t = 1 is noise, t = 0 is data, and the network
-returns the velocity dx_t/dt = eps - x0 (an x-predicting model converts inside FlowDiT). That is
+returns the velocity dx_t/dt = eps - x0 (an x-predicting model converts inside the network). That is
 diffusers' flow matching (SD3): sigma = t, `scale_noise` is sigma * noise + (1 - sigma) * x0, and
 FlowMatchEulerDiscreteScheduler.step is x + (sigma_next - sigma) * v. t2i's times are
 shift * s / (1 + (shift - 1) * s) for s = linspace(1, 0, steps + 1); the pipeline passes
@@ -380,7 +380,7 @@ def component_source(family: str, cfg) -> str:
     values = {n: getattr(cfg, n) for n in fields}
     params = ",\n                 ".join(f"{n}: {type(v).__name__} = {v!r}" for n, v in values.items())
     args = ",\n            ".join(f"{n}=tuple({n})" if isinstance(v, tuple) else f"{n}={n}" for n, v in values.items())
-    net, config = ("FlowDiT", "FlowConfig") if family == "flow" else ("Generator", "GANConfig")
+    net, config = ("flow_network", "FlowConfig") if family == "flow" else ("Generator", "GANConfig")
     wrapper = WRAPPER.format(cls=cls, net=net, config=config, params=params, args=args,
                              forward_doc=FORWARD_DOC[family].replace("\n", "\n    "),
                              forward=(FLOW_FORWARD if family == "flow" else GAN_FORWARD).lstrip("\n"))

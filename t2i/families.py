@@ -15,7 +15,7 @@ from torch import nn
 from t2i import sampling
 from t2i.config import from_dict
 from t2i.errors import ConfigError
-from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.models.flow import FlowConfig, flow_network
 from t2i.models.gan import GANConfig, Generator
 from t2i.train import flow as flow_train
 from t2i.train import gan as gan_train
@@ -39,7 +39,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gan": Family("gan", GANConfig, Generator, "G", gan_train.make_gan_state, gan_train.gan_train_step,
                   sampling.gan_draw, sampling.one_step_settings, compiled=("G",)),
-    "flow": Family("flow", FlowConfig, FlowDiT, "model", flow_train.make_flow_state, flow_train.flow_train_step,
+    "flow": Family("flow", FlowConfig, flow_network, "model", flow_train.make_flow_state, flow_train.flow_train_step,
                    sampling.flow_draw, sampling.flow_settings, compiled=("model",)),
 }
 

@@ -10,13 +10,17 @@ from t2i.config import replace
 from t2i.data.batching import collate_features
 from t2i.errors import ConfigError
 from t2i.families import make_state, train_step
-from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.models.flow import FlowConfig, FlowDiT, FlowUNet, flow_network
 from t2i.presets import PRESETS, get_preset
 from t2i.runtime import setup_runtime
 from t2i.sampling import flow_sample, flow_times, generate, row_noise
 from t2i.train.flow import flow_noise
 
 D = 32  # text dim of the tiny test features
+
+
+UNET = {"arch": "unet", "unet_channels": (8, 16), "unet_attn": (4,)}  # the tiny U-Net: 8 px, then 4 px
+ARCHS = pytest.mark.parametrize("arch", [{}, UNET], ids=["dit", "unet"])
 
 
 def tiny_cfg(**kw) -> FlowConfig:
@@ -27,7 +31,7 @@ def tiny_cfg(**kw) -> FlowConfig:
 def trained_like(cfg: FlowConfig, seed: int = 0) -> FlowDiT:
     """A model whose zero-initialised gates/outputs are randomised, so every path matters."""
     torch.manual_seed(seed)
-    m = FlowDiT(cfg).eval()
+    m = flow_network(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.abs().sum() == 0:
@@ -42,17 +46,21 @@ def features(B: int, L: int, seed: int = 0):
     return collate_features(tokens, torch.randn(B, D, generator=g))
 
 
-@pytest.mark.parametrize("extras", [{}, {"conv_mlp": True, "long_skips": True, "conv_channels": 8, "conv_stem": True, "depth": 3}])
+@pytest.mark.parametrize("extras", [{}, {"conv_mlp": True, "long_skips": True, "conv_channels": 8, "conv_stem": True,
+                                         "depth": 3}, UNET, {**UNET, "unet_blocks": 2, "unet_attn": (8, 4)},
+                                    {**UNET, "unet_shuffle": 2, "unet_channels": (16,)}])
 def test_zero_init_predicts_zero_velocity(extras):
-    m = FlowDiT(tiny_cfg(**extras))
+    m = flow_network(tiny_cfg(**extras))
+    assert isinstance(m, FlowUNet if extras.get("arch") == "unet" else FlowDiT)
     tokens, mask, pooled = features(3, 5)
     v = m(torch.randn(3, 3, 8, 8), torch.rand(3), tokens, mask, pooled)
     assert v.shape == (3, 3, 8, 8)
     assert torch.count_nonzero(v) == 0
 
 
-def test_padding_values_do_not_change_output():
-    m = trained_like(tiny_cfg())
+@ARCHS
+def test_padding_values_do_not_change_output(arch):
+    m = trained_like(tiny_cfg(**arch))
     tokens, mask, pooled = features(4, 6, seed=1)
     assert not mask.all()  # some rows are padded
     x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
@@ -66,8 +74,9 @@ def test_padding_values_do_not_change_output():
     assert (m(x, t, changed, mask, pooled) - ref)[0].abs().max() > 1e-4
 
 
-def test_dropped_caption_is_the_null_condition():
-    m = trained_like(tiny_cfg())
+@ARCHS
+def test_dropped_caption_is_the_null_condition(arch):
+    m = trained_like(tiny_cfg(**arch))
     tokens, mask, pooled = features(3, 5, seed=2)
     x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
     drop = torch.ones(3, dtype=torch.bool)
@@ -119,8 +128,9 @@ def test_heun_differs_from_euler_and_matches_at_one_step():
     assert (e4 - h4).abs().max() > 1e-4
 
 
-def test_generate_is_deterministic_per_row_whatever_the_batch():
-    cfg = tiny_cfg()
+@ARCHS
+def test_generate_is_deterministic_per_row_whatever_the_batch(arch):
+    cfg = tiny_cfg(**arch)
     m = trained_like(cfg)
     tokens, mask, pooled = features(5, 6, seed=5)
     seeds, ids = [7, 7, 8, 9, 9], ["a", "b", "a", "c", "d"]
@@ -140,10 +150,11 @@ def test_generate_is_deterministic_per_row_whatever_the_batch():
     assert torch.equal(row_noise([7], ["a"], (3,)), row_noise([7], ["a"], (3,)))
 
 
-def test_x_prediction_returns_velocity_towards_the_predicted_image():
-    extras = dict(conv_mlp=True, long_skips=True, conv_channels=8, conv_stem=True, depth=3)
+@pytest.mark.parametrize("extras", [dict(conv_mlp=True, long_skips=True, conv_channels=8, conv_stem=True, depth=3),
+                                    UNET], ids=["dit", "unet"])
+def test_x_prediction_returns_velocity_towards_the_predicted_image(extras):
     mx = trained_like(tiny_cfg(prediction="x", **extras))
-    mv = FlowDiT(tiny_cfg(prediction="v", **extras)).eval()
+    mv = flow_network(tiny_cfg(prediction="v", **extras)).eval()
     mv.load_state_dict(mx.state_dict())  # same weights: mv's output is mx's clean-image guess
     tokens, mask, pooled = features(2, 4, seed=6)
     noise = torch.randn(2, 3, 8, 8)
@@ -223,7 +234,7 @@ def test_presets_build(name):
     preset = get_preset(name)
     assert preset.model.family == "flow" and preset.model.resolution % preset.model.patch == 0
     if name in ("flow-debug", "flow-s"):
-        m = FlowDiT(preset.model)
+        m = flow_network(preset.model)
         tokens, mask, pooled = collate_features([torch.zeros(3, preset.model.text_dim)],
                                                 torch.zeros(1, preset.model.text_dim))
         r = preset.model.resolution
@@ -235,3 +246,11 @@ def test_config_rejects_bad_geometry():
         FlowConfig(resolution=30, patch=4)
     with pytest.raises(ConfigError, match="sampler"):
         FlowConfig(sampler="rk4")
+    with pytest.raises(ConfigError, match="arch"):
+        FlowConfig(arch="vit")
+    with pytest.raises(ConfigError, match="unet_channels"):
+        FlowConfig(arch="unet", resolution=18, unet_channels=(8, 16, 16))  # 18 px does not halve twice
+    with pytest.raises(ConfigError, match="unet_channels"):
+        FlowConfig(arch="unet", heads=4, unet_channels=(8, 12))
+    with pytest.raises(ConfigError, match="unet_shuffle"):
+        FlowConfig(arch="unet", unet_shuffle=3)

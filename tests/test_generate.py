@@ -273,9 +273,25 @@ def test_score_generated_per_split(tmp_path):
         rec = gen.record(f"x{i}", "", 0, "m:1", "0" * 64, None, None)
         assert storage.create_only(gen.image_url(str(tmp_path), f"x{i}"), gen.png_bytes(img, rec))
         expected[f"x{i}"] = {"split": split, "shape": shape, "color": colour, "bg": bg}
-    assert score_generated(str(tmp_path), expected) == {"seen": 1.0, "heldout": 1.0}
+    assert score_generated(str(tmp_path), expected, reference=0) == {"seen": 1.0, "heldout": 1.0}
     expected["x3"] = {**expected["x3"], "color": "red"}  # the image shows blue
-    assert score_generated(str(tmp_path), expected) == {"seen": 1.0, "heldout": 0.5}
+    assert score_generated(str(tmp_path), expected, reference=0) == {"seen": 1.0, "heldout": 0.5}
+
+
+@pytest.mark.parametrize("varied", [True, False])
+def test_score_generated_diversity(tmp_path, varied):
+    """The demo's diversity: images of one prompt drawn like the data score about 1, one image
+    repeated (mode collapse) 0."""
+    rng, expected = np.random.default_rng(1), {}
+    geometry = shapes.sample_geometry(rng, "square")
+    for i in range(12):
+        img = shapes.render("square", "red", "blue", 32, shapes.sample_geometry(rng, "square") if varied else geometry)
+        rec = gen.record(f"d{i}", "", 0, "m:1", "0" * 64, None, None)
+        assert storage.create_only(gen.image_url(str(tmp_path), f"d{i}"), gen.png_bytes(img, rec))
+        expected[f"d{i}"] = {"split": "seen", "shape": "square", "color": "red", "bg": "blue"}
+    scores = score_generated(str(tmp_path), expected)
+    assert scores["seen"] == 1.0
+    assert scores["diversity"] > 0.5 if varied else scores["diversity"] == 0.0
 
 
 def test_unknown_model_is_one_line_error(registry, tmp_path, capsys):

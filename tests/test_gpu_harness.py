@@ -15,7 +15,7 @@ import gpu  # noqa: E402
 
 
 @pytest.mark.parametrize("preset,options", [
-    ("flow-debug", {}), ("flow-s", {}),
+    ("flow-debug", {}), ("flow-s", {"arch": "dit", "patch": 8}),
     ("flow-debug", {"conv_mlp": True, "long_skips": True, "conv_channels": 16}),
     ("flow-debug", {"conv_channels": 8, "conv_stem": True, "prediction": "x"}),
     ("flow-debug", {"patch": 4, "patch_dim": 16}),
@@ -29,7 +29,7 @@ def test_flow_flop_formula_matches_counter(preset, options):
 
     cfg = get_preset(preset).model
     cfg = replace(cfg, **options)
-    model = FlowDiT(cfg).eval()
+    model = FlowDiT(cfg).eval()  # the formula is the DiT's (the GPU presets)
     B, L = 2, 12
     x = torch.randn(B, 3, cfg.resolution, cfg.resolution)
     args = (x, torch.rand(B), torch.randn(B, L, cfg.text_dim), torch.ones(B, L, dtype=torch.bool),

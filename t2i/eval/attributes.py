@@ -52,20 +52,30 @@ def attribute_accuracy(images: Sequence[np.ndarray], attrs: Sequence[Any],
     return out
 
 
-def score_generated(out: str, expected: Mapping[str, Mapping]) -> dict[str, float]:
-    """Per split, the fraction of a `t2i generate` output's images with all three attributes right.
+def score_generated(out: str, expected: Mapping[str, Mapping], reference: int = 768) -> dict[str, float]:
+    """Per split, the fraction of a `t2i generate` output's images with all three attributes right,
+    and the diversity ratio (`diversity`'s median over prompts) against `reference` images drawn
+    by the shapes generator (the distribution the model was trained on).
 
     out: the generate output directory or URL (its images are OUT/images/{id}.png, the layout
     t2i.generate writes; t2i.generate imports this package, so the path is spelled out here);
-    expected: {id: {"split", "shape", "color", "bg"}}. Returns {split: accuracy}.
+    expected: {id: {"split", "shape", "color", "bg"}}. Returns {split: accuracy, "diversity": ratio}.
     """
     by_split: dict[str, tuple[list, list]] = {}
+    by_prompt: dict[tuple, list] = {}
     for id_, attrs in expected.items():
         data = storage.read_bytes(storage.url_join(out, "images", f"{id_}.png"))
         images, want = by_split.setdefault(attrs["split"], ([], []))
         images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
         want.append(attrs)
-    return {split: attribute_accuracy(images, want)["all"] for split, (images, want) in by_split.items()}
+        by_prompt.setdefault(normalize_attrs(attrs), []).append(images[-1])
+    scores = {split: attribute_accuracy(images, want)["all"] for split, (images, want) in by_split.items()}
+    if reference and by_prompt:
+        size = next(iter(by_prompt.values()))[0].shape[0]
+        ref_images, _, ref_attrs = shapes.make_arrays(reference, size, seed=1, holdout=())
+        ref = {s: ref_images[[a["shape"] == s for a in ref_attrs]] for s in shapes.SHAPES}
+        scores["diversity"] = diversity(by_prompt, ref, {k: k[0] for k in by_prompt})["median"]
+    return scores
 
 
 def write_shapes_prompts(path: str, per_prompt: int) -> dict[str, dict]:

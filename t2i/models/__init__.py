@@ -4,7 +4,7 @@ Recipes live in `t2i.presets`, training steps in `t2i.train`, and the family tab
 them together in `t2i.families`.
 """
 
-from t2i.models.flow import FlowConfig, FlowDiT
+from t2i.models.flow import FlowConfig, FlowDiT, FlowUNet, flow_network
 from t2i.models.gan import Discriminator, GANConfig, Generator
 
-__all__ = ["FlowConfig", "FlowDiT", "GANConfig", "Generator", "Discriminator"]
+__all__ = ["FlowConfig", "FlowDiT", "FlowUNet", "flow_network", "GANConfig", "Generator", "Discriminator"]

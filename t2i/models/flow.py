@@ -25,6 +25,17 @@ from t2i.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
     family: str = "flow"
+    # "dit": the transformer below (every GPU preset); "unet": a small convolutional U-Net with
+    # cross-attention at low resolution (FlowUNet), whose locality prior learns 32 px shapes in
+    # far fewer steps than 8x8 patches. `width` is then the time/text embedding width.
+    arch: str = "dit"
+    unet_channels: tuple[int, ...] = (64, 128, 128)  # channels at resolution R, R/2, R/4, ...
+    unet_blocks: int = 1  # residual blocks per level on the way down (one more on the way up)
+    unet_attn: tuple[int, ...] = (8,)  # feature-map sizes with self- and cross-attention
+    # > 1: the U-Net works from resolution / unet_shuffle, the image's s x s pixel blocks as channels
+    # (pixel unshuffle in, pixel shuffle out; Shi et al. 2016), which cuts the cost of the
+    # full-resolution convolutions, most of a small U-Net's, by s^2.
+    unet_shuffle: int = 1
     resolution: int = 32
     patch: int = 2
     width: int = 256
@@ -69,6 +80,18 @@ class FlowConfig:
             raise ConfigError("FlowConfig.conv_stem needs conv_channels > 0")
         if self.prediction not in ("v", "x"):
             raise ConfigError(f"FlowConfig.prediction must be 'v' or 'x', got {self.prediction!r}")
+        if self.arch not in ("dit", "unet"):
+            raise ConfigError(f"FlowConfig.arch must be 'dit' or 'unet', got {self.arch!r}")
+        if self.arch == "unet":
+            levels, s = len(self.unet_channels), self.unet_shuffle
+            if s < 1 or self.resolution % s:
+                raise ConfigError(f"FlowConfig.unet_shuffle {s} does not divide resolution {self.resolution}")
+            if not levels or (self.resolution // s) % 2 ** (levels - 1):
+                raise ConfigError(f"FlowConfig.unet_channels: {levels} levels do not halve "
+                                  f"{self.resolution // s} px each")
+            if any(c % self.heads or c % 8 for c in self.unet_channels):
+                raise ConfigError(f"FlowConfig.unet_channels {self.unet_channels}: each must be a multiple of "
+                                  f"8 (group norm) and of heads {self.heads}")
         if self.sampler not in ("euler", "heun"):
             raise ConfigError(f"FlowConfig.sampler must be 'euler' or 'heun', got {self.sampler!r}")
 
@@ -105,13 +128,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when `ctx` is None, else cross-attention to ctx."""
+    """Multi-head attention; self-attention when `ctx` is None, else cross-attention to ctx (whose
+    width is `ctx_width`, the query's by default)."""
 
-    def __init__(self, width: int, heads: int, qk_norm: bool, cross: bool):
+    def __init__(self, width: int, heads: int, qk_norm: bool, cross: bool, ctx_width: int = 0):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
+        self.kv = nn.Linear(ctx_width or width, 2 * width)
         self.proj = nn.Linear(width, width)
         hd = width // heads
         self.q_norm = nn.RMSNorm(hd) if qk_norm else nn.Identity()
@@ -121,7 +145,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         # x [B, N, W]; ctx [B, M, W]; mask bool [B, M] (True = attend)
         B, N, W = x.shape
-        src = x if ctx is None else ctx
+        src = x if ctx is None else ctx  # [B, M, ctx_width]
         M = src.shape[1]
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, h, N, hd]
         k, v = self.kv(src).view(B, M, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B, h, M, hd]
@@ -206,13 +230,49 @@ class FinalLayer(nn.Module):
         return self.conv_out(F.silu(self.conv_in(h)))
 
 
-class FlowDiT(nn.Module):
-    """forward(x [B,3,H,W], t [B], tokens [B,L,D], mask [B,L], pooled [B,D], drop [B]?) -> v [B,3,H,W].
+class Conditioned(nn.Module):
+    """What both flow networks share: the caption and time embeddings, the null condition, and
+    the x -> v conversion.
 
+    forward(x [B,3,H,W], t [B], tokens [B,L,D], mask [B,L], pooled [B,D], drop [B]?) -> v [B,3,H,W].
     t = 1 is pure noise, t = 0 is data (x_t = (1 - t) x0 + t eps); the output is the velocity
     dx_t/dt = eps - x0. `drop` (bool [B]) replaces those rows' caption by the null condition; a
     row whose mask has no real token is treated as dropped too.
     """
+
+    def _text_modules(self, W: int, D: int):
+        self.t_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
+        self.pooled_embed = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
+        self.token_embed = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, W))
+        self.register = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # always-attended context token
+        self.null_pooled = nn.Parameter(torch.zeros(D))  # pooled text of a dropped caption
+
+    def condition(self, tokens, mask, pooled, drop=None):
+        """Caption -> (ctx [B, 1+L, W], ctx_mask [B, 1+L], pooled [B, D]) with dropped rows nulled."""
+        mask = mask.bool()
+        dropped = ~mask.any(dim=1)
+        if drop is not None:
+            dropped = dropped | drop.bool()
+        mask = mask & ~dropped[:, None]
+        pooled = torch.where(dropped[:, None], self.null_pooled.to(pooled.dtype)[None], pooled)
+        B = tokens.shape[0]
+        ctx = torch.cat([self.register.expand(B, -1, -1), self.token_embed(tokens)], dim=1)
+        ctx_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
+        return ctx, ctx_mask, pooled
+
+    def embedding(self, t, pooled):
+        """c [B, W]: time + pooled caption, what every block is modulated by."""
+        return self.t_embed(timestep_embedding(t, self.cfg.width)) + self.pooled_embed(pooled)
+
+    def velocity(self, x, t, out):
+        """The network's output as the velocity (x prediction: v = (x_t - x) / t)."""
+        if self.cfg.prediction == "x":
+            return (x - out) / t.clamp(min=self.cfg.x_pred_t_min).view(-1, 1, 1, 1).to(out.dtype)
+        return out
+
+
+class FlowDiT(Conditioned):
+    """The transformer (DiT/PixArt blocks over patches); the contract is `Conditioned`'s."""
 
     def __init__(self, cfg: FlowConfig):
         super().__init__()
@@ -230,11 +290,7 @@ class FlowDiT(nn.Module):
             self.register_buffer("pos", sincos_pos_embed(W, cfg.grid)[None], persistent=False)
         else:
             self.pos = nn.Parameter(torch.randn(1, n, W) * 0.02)
-        self.t_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
-        self.pooled_embed = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
-        self.token_embed = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, W))
-        self.register = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # always-attended context token
-        self.null_pooled = nn.Parameter(torch.zeros(D))  # pooled text of a dropped caption
+        self._text_modules(W, D)
         half = cfg.depth // 2 if cfg.long_skips else 0
         # With long skips, the last `half` blocks each take the output of their mirror in the first half.
         self.blocks = nn.ModuleList(DiTBlock(cfg, skip=i >= cfg.depth - half) for i in range(cfg.depth))
@@ -263,19 +319,6 @@ class FlowDiT(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def condition(self, tokens, mask, pooled, drop=None):
-        """Caption -> (ctx [B, 1+L, W], ctx_mask [B, 1+L], pooled [B, D]) with dropped rows nulled."""
-        mask = mask.bool()
-        dropped = ~mask.any(dim=1)
-        if drop is not None:
-            dropped = dropped | drop.bool()
-        mask = mask & ~dropped[:, None]
-        pooled = torch.where(dropped[:, None], self.null_pooled.to(pooled.dtype)[None], pooled)
-        B = tokens.shape[0]
-        ctx = torch.cat([self.register.expand(B, -1, -1), self.token_embed(tokens)], dim=1)
-        ctx_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
-        return ctx, ctx_mask, pooled
-
     def forward(self, x, t, tokens, mask, pooled, drop=None):
         cfg = self.cfg
         B, _, H, Wd = x.shape
@@ -285,14 +328,137 @@ class FlowDiT(nn.Module):
         if self.patch_proj is not None:
             h = self.patch_proj(h)  # [B, N, W]
         h = h + self.pos
-        c = self.t_embed(timestep_embedding(t, cfg.width)) + self.pooled_embed(pooled)  # [B, W]
+        c = self.embedding(t, pooled)  # [B, W]
         stack = []
         for i, blk in enumerate(self.blocks):
             skip = stack.pop() if i >= cfg.depth - self.n_skip else None
             h = blk(h, c, ctx, ctx_mask, skip)
             if i < self.n_skip:
                 stack.append(h)
-        out = self.final(h, c, cfg.grid, cfg.patch, stem)  # [B, 3, H, W]
-        if cfg.prediction == "x":
-            return (x - out) / t.clamp(min=cfg.x_pred_t_min).view(B, 1, 1, 1).to(out.dtype)
-        return out
+        return self.velocity(x, t, self.final(h, c, cfg.grid, cfg.patch, stem))  # [B, 3, H, W]
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; c scales and shifts the second norm (ADM's adaptive group norm,
+    Dhariwal & Nichol 2021, Sec. 3). The last conv starts at zero, so the block starts as its skip."""
+
+    def __init__(self, cin: int, cout: int, emb: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * cout))
+        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, c):
+        # x [B, cin, H, W]; c [B, emb] -> [B, cout, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.ada(c)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the feature map, then masked cross-attention to the caption's tokens
+    (the Stable Diffusion U-Net's transformer block, Rombach et al. 2022, Sec. 3.3, minus its MLP)."""
+
+    def __init__(self, ch: int, cfg: FlowConfig):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, ch)
+        self.attn = Attention(ch, cfg.heads, cfg.qk_norm, cross=False)
+        self.norm2 = nn.LayerNorm(ch, eps=1e-6)
+        self.cross = Attention(ch, cfg.heads, cfg.qk_norm, cross=True, ctx_width=cfg.width)
+
+    def forward(self, x, ctx, mask):
+        # x [B, C, H, W]; ctx [B, M, width]; mask [B, M]
+        B, C, H, W = x.shape
+        h = x.flatten(2).transpose(1, 2) + self.attn(self.norm1(x).flatten(2).transpose(1, 2))  # [B, HW, C]
+        h = h + self.cross(self.norm2(h), ctx, mask)
+        return h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Level(nn.Module):
+    """One U-Net stage: a residual block, with attention at the configured resolutions."""
+
+    def __init__(self, cin: int, cout: int, res: int, cfg: FlowConfig):
+        super().__init__()
+        self.res = ResBlock(cin, cout, cfg.width)
+        self.attn = AttnBlock(cout, cfg) if res in cfg.unet_attn else None
+
+    def forward(self, x, c, ctx, mask):
+        x = self.res(x, c)
+        return x if self.attn is None else self.attn(x, ctx, mask)
+
+
+class FlowUNet(Conditioned):
+    """A small convolutional U-Net (ADM layout, Dhariwal & Nichol 2021): conv in, `unet_blocks`
+    levels per resolution on the way down, a middle with attention, `unet_blocks + 1` on the way
+    up, each taking the matching down level's output; the contract is `Conditioned`'s."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        chans, E, s = cfg.unet_channels, cfg.width, cfg.unet_shuffle
+        self.conv_in = nn.Conv2d(3 * s * s, chans[0], 3, padding=1)
+        self._text_modules(E, cfg.text_dim)
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        ch, res, skips = chans[0], cfg.resolution // s, [chans[0]]
+        for i, c in enumerate(chans):
+            for _ in range(cfg.unet_blocks):
+                self.down.append(Level(ch, c, res, cfg))
+                ch = c
+                skips.append(ch)
+            if i < len(chans) - 1:
+                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([Level(ch, ch, -1, cfg), AttnBlock(ch, cfg), Level(ch, ch, -1, cfg)])
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, c in reversed(list(enumerate(chans))):
+            for _ in range(cfg.unet_blocks + 1):
+                self.up.append(Level(ch + skips.pop(), c, res, cfg))
+                ch = c
+            if i > 0:
+                self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
+                res *= 2
+        self.norm_out, self.conv_out = nn.GroupNorm(8, ch), nn.Conv2d(ch, 3 * s * s, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, Attention):  # attention starts as the identity too
+                nn.init.zeros_(m.proj.weight)
+                nn.init.zeros_(m.proj.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, tokens, mask, pooled, drop=None):
+        cfg = self.cfg
+        ctx, ctx_mask, pooled = self.condition(tokens, mask, pooled, drop)
+        c = self.embedding(t, pooled)  # [B, width]
+        h = self.conv_in(F.pixel_unshuffle(x, cfg.unet_shuffle))  # [B, C0, R/s, R/s]
+        hs, blocks = [h], iter(self.down)
+        for i in range(len(cfg.unet_channels)):
+            for _ in range(cfg.unet_blocks):
+                h = next(blocks)(h, c, ctx, ctx_mask)
+                hs.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)  # [B, C, r/2, r/2]
+                hs.append(h)
+        h = self.mid[0](h, c, ctx, ctx_mask)
+        h = self.mid[2](self.mid[1](h, ctx, ctx_mask), c, ctx, ctx_mask)
+        blocks = iter(self.up)
+        for i in range(len(cfg.unet_channels)):
+            for _ in range(cfg.unet_blocks + 1):
+                h = next(blocks)(torch.cat([h, hs.pop()], dim=1), c, ctx, ctx_mask)
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))  # [B, C, 2r, 2r]
+        out = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), cfg.unet_shuffle)  # [B, 3, R, R]
+        return self.velocity(x, t, out)
+
+
+def flow_network(cfg: FlowConfig) -> Conditioned:
+    """The flow config's network: FlowDiT or FlowUNet by `cfg.arch`."""
+    return FlowUNet(cfg) if cfg.arch == "unet" else FlowDiT(cfg)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from t2i.config import TrainConfig
-from t2i.models.flow import FlowDiT
+from t2i.models.flow import flow_network
 from t2i.runtime import Runtime, row_draws
 from t2i.train.losses import flow_matching_loss, logit_normal_t
 from t2i.train.state import (
@@ -18,15 +18,15 @@ from t2i.train.state import (
     images_to_tensor,
     lr_at,
     new_ema,
+    optimizer,
     set_lr,
 )
 
 
 def make_flow_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> TrainState:
     torch.manual_seed(train_cfg.seed)  # the init is a function of the config's seed only
-    model = FlowDiT(model_cfg).to(runtime.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
-                            weight_decay=train_cfg.weight_decay)
+    model = flow_network(model_cfg).to(runtime.device)
+    opt = optimizer(model.parameters(), train_cfg.lr, train_cfg.betas, runtime.device, train_cfg.weight_decay)
     return TrainState(model_cfg, train_cfg, runtime, {"model": model}, new_ema(model), {"model": opt})
 
 

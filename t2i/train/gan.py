@@ -23,6 +23,7 @@ from t2i.train.state import (
     images_to_tensor,
     lr_at,
     new_ema,
+    optimizer,
     set_lr,
     unwrap,
 )
@@ -34,8 +35,8 @@ def make_gan_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> 
     D = Discriminator(model_cfg).to(runtime.device)
     betas = tuple(train_cfg.betas)
     opts = {
-        "G": torch.optim.Adam(G.parameters(), lr=train_cfg.lr, betas=betas),
-        "D": torch.optim.Adam(D.parameters(), lr=train_cfg.lr_d or train_cfg.lr, betas=betas),
+        "G": optimizer(G.parameters(), train_cfg.lr, betas, runtime.device),
+        "D": optimizer(D.parameters(), train_cfg.lr_d or train_cfg.lr, betas, runtime.device),
     }
     return TrainState(model_cfg, train_cfg, runtime, {"G": G, "D": D}, new_ema(G), opts)
 

@@ -56,10 +56,13 @@ def _sharded_optimizer(opt: torch.optim.Optimizer, old: dict[str, nn.Parameter],
     """`opt` rebuilt over the sharded parameters, with its state (loaded in full, the same on every
     rank) cut to each parameter's shard and its hyper-parameters kept."""
     name_of = {id(p): n for n, p in old.items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [new[name_of[id(p)]] for p in g["params"]]}
+    # torch picks its own implementation for DTensors (a fused CPU kernel takes plain tensors only)
+    keep = lambda k: k not in ("params", "fused", "foreach")  # noqa: E731
+    groups = [{**{k: v for k, v in g.items() if keep(k)}, "params": [new[name_of[id(p)]] for p in g["params"]]}
               for g in opt.param_groups]
     fresh = type(opt)(groups)
     sd = opt.state_dict()  # state keyed by the parameter's index in group order, as `fresh` numbers them
+    sd["param_groups"] = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in sd["param_groups"]]
     params = [p for g in fresh.param_groups for p in g["params"]]
     for index, st in sd["state"].items():
         p = params[index]
