@@ -10,9 +10,12 @@ section of BENCHMARKS.md.
 
 It also reports, per family, how varied each prompt's images are (a diversity ratio against the
 training data: mode collapse shows as a number near 0) and, for flow, the same model sampled with
-4 and 8 steps. Every generated image is kept under `--out` with a manifest.jsonl.
+4 and 8 steps. `flow1` is the one-step flow (`flow-s-1step`): flow-s distilled into one Euler step
+for `--distill-minutes` (5) on top of its teacher's budget, from the flow model trained in the
+same run (`--family all`) or from `--teacher DIR`. Every generated image is kept under `--out`
+with a manifest.jsonl.
 
-    python benchmarks/quality_shapes.py [--family flow|gan|both] [--minutes 10] [--num 20000] [--out DIR]
+    python benchmarks/quality_shapes.py [--family flow|gan|flow1|both|all] [--minutes 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,9 +64,12 @@ from t2i.train.loop import EvalPrompts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "quality_shapes.json"
-# Per family: all-correct on seen / held-out prompts, and for the GAN a diversity floor (mode collapse).
-BAR = {"flow": {"seen": 0.98, "heldout": 0.95}, "gan": {"seen": 0.95, "heldout": 0.90, "diversity": 0.6}}
-PRESETS = {"flow": "flow-s", "gan": "gan-s"}
+# Per family: all-correct on seen / held-out prompts; flow also at 4 Euler steps (seen); a diversity
+# floor (mode collapse) for the one-pass models, and the one-step flow at >= half the GAN's images/s.
+BAR = {"flow": {"seen": 0.98, "heldout": 0.95, "seen_4_steps": 0.95},
+       "gan": {"seen": 0.95, "heldout": 0.90, "diversity": 0.6},
+       "flow1": {"seen": 0.95, "heldout": 0.90, "diversity": 0.6, "speed_vs_gan": 0.5}}
+PRESETS = {"flow": "flow-s", "gan": "gan-s", "flow1": "flow-s-1step"}
 RESOLUTION = 32
 log = logging.getLogger("quality_shapes")
 
@@ -149,19 +155,27 @@ def train_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows:
     m_over, t_over = parse_sets([item.split(".", 1)[1] for item in args.set if item.split(".", 1)[0] == family])
     model_cfg = replace(preset.model, **{"text_dim": encoder.dim, **m_over})
     # One checkpoint, at the end: a mid-run save and grid would come out of the fixed time budget.
+    minutes = args.minutes
+    if family == "flow1":  # distilled from --teacher, or from the flow model this run trained
+        from t2i.checkpoint import latest_checkpoint
+
+        t_over["teacher"] = args.teacher or latest_checkpoint(str(run_dir / "flow"))
+        if not t_over["teacher"]:
+            raise SystemExit("flow1 needs a flow-s checkpoint: --teacher DIR, or --family all")
+        minutes = args.distill_minutes
     train_cfg = replace(preset.train, **{"checkpoint_every": 0, **t_over})
     picks = (("seen", 0), ("seen", 7), ("heldout", 0))
     grid = EvalPrompts([rows[s]["captions"][i] for s, i in picks],
                        [rows[s]["tokens"][i * rows[s]["per_prompt"]] for s, i in picks],
                        np.stack([rows[s]["pooled"][i * rows[s]["per_prompt"]] for s, i in picks]))
     log.info("%s: training %s for up to %d steps / %.1f min on %d samples", family, PRESETS[family],
-             train_cfg.steps, args.minutes, len(data.keys))
+             train_cfg.steps, minutes, len(data.keys))
     state, summary = train_local(model_cfg, train_cfg, data, str(run_dir / family), prompts=grid,
-                                 max_seconds=args.minutes * 60, device="cpu", threads=args.threads,
+                                 max_seconds=minutes * 60, device="cpu", threads=args.threads,
                                  encoder_spec=encoder.spec)
     result = {
         "preset": PRESETS[family], "model": to_dict(model_cfg), "train": to_dict(train_cfg),
-        "budget_minutes": args.minutes,
+        "budget_minutes": minutes, "teacher": train_cfg.teacher or None,
         "steps": summary["steps"], "train_seconds": summary["train_seconds"],
         "stopped_early": summary["stopped_early"], "train_img_per_s": round(summary["img_per_s"], 1),
         "final_metrics": summary["final"],
@@ -174,7 +188,7 @@ def run_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows: d
     """Train, then score every seen and held-out prompt: accuracy, diversity, and for flow the
     same model at 4 and 8 steps. Returns (result, manifest rows of the images kept under `out`)."""
     model_cfg, state, result = train_family(family, args, data, encoder, rows, run_dir)
-    if family == "flow":
+    if model_cfg.family == "flow":
         result["sampling"] = {"steps": model_cfg.steps, "guidance": model_cfg.guidance, "sampler": model_cfg.sampler}
     sheets, per_prompt, generated, manifest, n_img, gen_s = [], {}, {}, [], 0, 0.0
     shape_of = {}
@@ -224,15 +238,26 @@ def few_step(model, cfg, rows: dict, batch_size: int) -> list[dict]:
     return out
 
 
+def meets_bar(f: str, r: dict, families: dict) -> bool:
+    """Whether family `f`'s result `r` meets every part of its BAR."""
+    bar = BAR[f]
+    ok = r["seen"]["all"] >= bar["seen"] and r["heldout"]["all"] >= bar["heldout"]
+    ok = ok and r.get("diversity", {}).get("median", 0.0) >= bar.get("diversity", 0.0)
+    if "seen_4_steps" in bar:
+        four = [x["seen"] for x in r.get("few_step", []) if x["steps"] == 4 and x["sampler"] == "euler"]
+        ok = ok and bool(four) and four[0] >= bar["seen_4_steps"]
+    if "speed_vs_gan" in bar:
+        gan = families.get("gan", {}).get("gen_img_per_s")
+        ok = ok and gan is not None and r["gen_img_per_s"] >= bar["speed_vs_gan"] * gan
+    return ok
+
+
 def verdict(families: dict) -> tuple[str | None, bool]:
     """(the family with the higher seen + held-out accuracy, whether every family meets its BAR)."""
     if not families:
         return None, False
     better = max(families, key=lambda f: (families[f]["seen"]["all"] + families[f]["heldout"]["all"]))
-    ok = all(r["seen"]["all"] >= BAR[f]["seen"] and r["heldout"]["all"] >= BAR[f]["heldout"]
-             and r.get("diversity", {}).get("median", 0.0) >= BAR[f].get("diversity", 0.0)
-             for f, r in families.items())
-    return better, ok
+    return better, all(meets_bar(f, r, families) for f, r in families.items())
 
 
 def markdown(res: dict) -> str:
@@ -283,9 +308,13 @@ def markdown(res: dict) -> str:
     lines += [
         "",
         "Bars (all-correct seen / held-out): flow >= "
-        f"{pct(BAR['flow']['seen'])} / {pct(BAR['flow']['heldout'])}; gan >= {pct(BAR['gan']['seen'])} / "
-        f"{pct(BAR['gan']['heldout'])} with diversity >= {BAR['gan']['diversity']}. Better family: **{better}**; "
-        f"bars **{'met' if ok else 'NOT met'}** by every family run. Contact sheets: "
+        f"{pct(BAR['flow']['seen'])} / {pct(BAR['flow']['heldout'])}, and {pct(BAR['flow']['seen_4_steps'])} seen "
+        f"at 4 Euler steps; gan >= {pct(BAR['gan']['seen'])} / {pct(BAR['gan']['heldout'])} with diversity >= "
+        f"{BAR['gan']['diversity']}; flow1 (one step) >= {pct(BAR['flow1']['seen'])} / {pct(BAR['flow1']['heldout'])}"
+        f" with diversity >= {BAR['flow1']['diversity']} at >= {BAR['flow1']['speed_vs_gan']}x the GAN's images/s. "
+        + "Per family: " + ", ".join(f"{f} **{'met' if meets_bar(f, r, res['families']) else 'NOT met'}**"
+                                     for f, r in sorted(res["families"].items()))
+        + f". Better family: **{better}**; every bar met: **{'yes' if ok else 'no'}**. Contact sheets: "
         + ", ".join(f"`{r['sheet']}`" for _, r in sorted(res["families"].items())) + ".",
     ]
     return "\n".join(lines)
@@ -293,7 +322,12 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--family", choices=("flow", "gan", "both"), default="both")
+    p.add_argument("--family", choices=("flow", "gan", "flow1", "both", "all"), default="both",
+                   help="both = flow and gan; all = flow, gan and flow1 (the one-step flow distilled from that "
+                        "flow model); flow1 alone needs --teacher")
+    p.add_argument("--teacher", help="flow1: the flow-s checkpoint directory to distil")
+    p.add_argument("--distill-minutes", type=float, default=5.0, help="flow1's training budget on top of its "
+                   "teacher's (default 5)")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per family (default 10, the "
                    "budget the table in BENCHMARKS.md reports)")
     p.add_argument("--num", type=int, default=20000, help="training samples (default 20000)")
@@ -310,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not update the results JSON / BENCHMARKS.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    families = ["flow", "gan"] if args.family == "both" else [args.family]
+    families = {"both": ["flow", "gan"], "all": ["flow", "gan", "flow1"]}.get(args.family, [args.family])
     for item in args.set:
         if item.split(".", 1)[0] not in PRESETS:
             p.error(f"--set {item!r}: expected FAMILY.GROUP.KEY=VALUE with FAMILY one of {sorted(PRESETS)}")

@@ -201,10 +201,17 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     sample_every: int = 0  # 0 = at checkpoints only
+    # Flow only: a checkpoint directory whose EMA network this run distils into a one-step
+    # student (same architecture, started from the teacher's weights); the teacher solves each
+    # row's ODE in `teacher_steps` of its own solver steps, with its own guidance.
+    teacher: str = ""
+    teacher_steps: int = 4
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"TrainConfig.lr_schedule: {self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        if self.teacher_steps < 1:
+            raise ConfigError(f"TrainConfig.teacher_steps: must be >= 1, got {self.teacher_steps}")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ConfigError(f"TrainConfig.lr_final: {self.lr_final} is not a fraction of lr in [0, 1]")
 

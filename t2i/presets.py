@@ -28,6 +28,7 @@ from t2i.models.gan import Discriminator, GANConfig, Generator
 class Preset:
     model: Any  # GANConfig | FlowConfig
     train: TrainConfig
+    distils: bool = False  # a one-step student: needs train.teacher, a trained checkpoint of its teacher preset
 
 
 def _gan(train: dict, **model) -> Preset:
@@ -85,6 +86,22 @@ PRESETS: dict[str, Preset] = {
                      resolution=512, patch=32, patch_dim=256, width=1536, depth=28, heads=24, prediction="x",
                      t_mean=0.8, t_std=0.8, steps=32, guidance=4.0, time_shift=3.0),
 }
+
+# One-step flow: flow-s's network, distilled from a trained flow-s checkpoint (`train.teacher`)
+# into a single Euler step from pure noise with the guidance baked in (Luhman & Luhman 2021).
+PRESETS["flow-s-1step"] = Preset(
+    dataclasses.replace(PRESETS["flow-s"].model, steps=1, guidance=1.0),
+    dataclasses.replace(PRESETS["flow-s"].train, steps=700, lr=3e-4, warmup_steps=10, ema_decay=0.99,
+                        teacher_steps=4), distils=True)
+
+
+def check_teacher(name: str, model_cfg: Any, train_cfg: TrainConfig) -> None:
+    """A distilling preset has a teacher, and only flow models take one."""
+    if PRESETS[name].distils and not train_cfg.teacher:
+        raise ConfigError(f"{name} is distilled from a trained flow model: give its checkpoint directory with "
+                          "--set train.teacher=DIR")
+    if train_cfg.teacher and model_cfg.family != "flow":
+        raise ConfigError(f"train.teacher: only flow models are distilled, {name} is a {model_cfg.family} model")
 
 
 def get_preset(name: str) -> Preset:

@@ -36,7 +36,7 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
            "a red circle on a blue background"]  # a repeat (encoded once) and three token lengths
 SEEDS, IDS = [0, 1, 2, 0], ["a", "b", "c", "d"]
 SECRET = "EXPORT-SECRET-VALUE-42"  # in the environment while exporting; must appear nowhere in the folder
-MODELS = ("gan", "flow", "flowx")
+MODELS = ("gan", "flow", "flowx", "flowu")
 PARENT = {"kind": "registry", "ref": "flow:1", "url": "", "registry": "reg"}
 
 
@@ -45,7 +45,7 @@ def registry(tmp_path_factory, tiny_encoders):
     """gan-debug ("gan") and flow-debug ("flow") with the tiny BERT encoder; "flowx": flow-debug with
     every optional part (conv MLP, long skips, conv stem and output, bottleneck patches, learned
     positions), predicting x, time shift 3, Heun, guidance 2, on the tiny decoder LLM (layer -2, a prefix);
-    "wrongenc": a card whose encoder revision is not the encoder's. EMA weights get random noise:
+    "flowu": flow-debug as the U-Net (pixel-unshuffled, attention at 4 px); "wrongenc": a card whose encoder revision is not the encoder's. EMA weights get random noise:
     adaLN-Zero and zeroed output layers would otherwise make every network output 0."""
     root = tmp_path_factory.mktemp("export")
     bert = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"], kind="encoder", max_tokens=16), "cpu").spec
@@ -58,6 +58,8 @@ def registry(tmp_path_factory, tiny_encoders):
     for name, preset, spec, extra, model in (
             ("gan", "gan-debug", bert, {}, {}), ("flow", "flow-debug", bert, {}, {}),
             ("flowx", "flow-debug", llm, {"parent": PARENT, "description": "x-prediction test model"}, flowx),
+            ("flowu", "flow-debug", bert, {}, {"arch": "unet", "unet_channels": (16, 32), "unet_shuffle": 2,
+                                                "unet_attn": (4,), "prediction": "x"}),
             ("wrongenc", "flow-debug", replace(bert, revision="0123456789abcdef"), {}, {})):
         p = get_preset(preset)
         state = make_state(replace(p.model, text_dim=spec.dim, **model), p.train, setup_runtime("cpu"))

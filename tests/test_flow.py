@@ -254,3 +254,64 @@ def test_config_rejects_bad_geometry():
         FlowConfig(arch="unet", heads=4, unet_channels=(8, 12))
     with pytest.raises(ConfigError, match="unet_shuffle"):
         FlowConfig(arch="unet", unet_shuffle=3)
+
+
+# ----------------------------------------------------------------------------- one-step distillation
+
+
+def _teacher_checkpoint(path, cfg: FlowConfig) -> torch.nn.Module:
+    """A checkpoint whose EMA network is a trained-like `cfg` model; returns that network."""
+    from t2i.checkpoint import save_checkpoint
+
+    state = make_state(cfg, get_preset("flow-debug").train, setup_runtime("cpu"))
+    teacher = trained_like(cfg)
+    state.ema.load_state_dict(teacher.state_dict())
+    save_checkpoint(str(path), state)
+    return teacher
+
+
+def test_one_step_student_learns_its_teachers_samples(tmp_path):
+    """The student starts as its teacher, trains towards the teacher's 4-step guided samples from the
+    same noise until one step of it lands closer to them, and never trains or saves the teacher."""
+    from t2i.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_cfg(prediction="x", **UNET)
+    teacher = _teacher_checkpoint(tmp_path / "teacher", cfg)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    tc = replace(get_preset("flow-debug").train, steps=80, lr=2e-3, warmup_steps=0, ema_decay=0.0,
+                 teacher=str(tmp_path / "teacher"), teacher_steps=4)
+    state = make_state(replace(cfg, steps=1, guidance=1.0), tc, setup_runtime("cpu"))
+    assert all(torch.equal(v, before[k]) for k, v in state.modules["model"].state_dict().items())
+    batch = _overfit_batch(16, 8, D)
+    noise = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    text = (batch["tokens"], batch["mask"], batch["pooled"])
+    target = flow_sample(teacher, *text, noise, 4, cfg.guidance)
+
+    def gap() -> float:
+        return float((flow_sample(state.ema, *text, noise, 1, 1.0) - target).square().mean())
+
+    start = gap()
+    for _ in range(tc.steps):
+        train_step(state, batch)
+    assert gap() < 0.7 * start, (start, gap())
+    teacher_now = state.frozen["teacher"].state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in teacher_now.items())  # frozen
+    save_checkpoint(str(tmp_path / "student"), state)
+    assert set(load_checkpoint(str(tmp_path / "student")).modules) == {"model"}
+
+
+def test_distillation_needs_a_matching_teacher(tmp_path):
+    from t2i.presets import check_teacher
+
+    preset = get_preset("flow-s-1step")
+    assert preset.model.steps == 1 and preset.model.guidance == 1.0
+    with pytest.raises(ConfigError, match="train.teacher=DIR"):
+        check_teacher("flow-s-1step", preset.model, preset.train)
+    gan = get_preset("gan-debug")
+    with pytest.raises(ConfigError, match="only flow models"):
+        check_teacher("gan-debug", gan.model, replace(gan.train, teacher="x"))
+    _teacher_checkpoint(tmp_path / "teacher", tiny_cfg())
+    tc = replace(get_preset("flow-debug").train, teacher=str(tmp_path / "teacher"))
+    with pytest.raises(ConfigError, match="differs at width"):
+        make_state(tiny_cfg(width=64, steps=1), tc, setup_runtime("cpu"))
+    make_state(tiny_cfg(steps=1, guidance=1.0, sampler="heun"), tc, setup_runtime("cpu"))  # sampling may differ

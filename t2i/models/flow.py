@@ -414,6 +414,7 @@ class FlowUNet(Conditioned):
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
                 res //= 2
+        # the middle: residual, attention, residual (res -1: the Levels add no attention of their own)
         self.mid = nn.ModuleList([Level(ch, ch, -1, cfg), AttnBlock(ch, cfg), Level(ch, ch, -1, cfg)])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, c in reversed(list(enumerate(chans))):

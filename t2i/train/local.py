@@ -28,7 +28,7 @@ from t2i.data import shapes
 from t2i.data.batching import collate_features, sample_seeds
 from t2i.errors import ConfigError, T2IError
 from t2i.families import compile_modules, make_state
-from t2i.presets import get_preset
+from t2i.presets import check_teacher, get_preset
 from t2i.runtime import memory_mb, seed_from, setup_runtime
 from t2i.text import TextEncoder
 from t2i.train.loop import EvalPrompts, Hooks, fit, write_samples
@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             t_over[k] = v
     model_cfg = replace(preset.model, **m_over) if m_over else preset.model
     train_cfg = replace(preset.train, **{"seed": args.seed, **t_over})
+    check_teacher(args.model, model_cfg, train_cfg)
     spec = EncoderSpec(name=args.encoder) if args.encoder else EncoderSpec()
     encoder = TextEncoder(spec)
     if encoder.dim != model_cfg.text_dim:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,7 +36,7 @@ from t2i.data.embedded import train_rows
 from t2i.data.position import DataPosition
 from t2i.errors import ConfigError, T2IError
 from t2i.families import family
-from t2i.presets import get_preset
+from t2i.presets import check_teacher, get_preset
 from t2i.registry import Registry
 from t2i.text import TextEncoder
 from t2i.train import evaluation
@@ -209,6 +210,7 @@ def resolve_model(job: JobConfig, manifest: dict) -> tuple[Any, TrainConfig]:
     except ConfigError as e:
         raise ConfigError(f"model_config: {e}") from None
     train_cfg = replace(preset.train, **job.train) if job.train else preset.train
+    check_teacher(job.model, model_cfg, train_cfg)
     if job.log_every:
         train_cfg = replace(train_cfg, log_every=job.log_every)
     res = int(manifest["image"]["resolution"])
@@ -537,7 +539,8 @@ class Run:
         records = self.pos.merge(gather(self.pos.pending))  # every rank's steps since the last checkpoint
         snap = snapshot(self.state, keep=self.rank == 0)  # every rank: gathering FSDP shards is a collective
         if self.rank == 0:
-            net = self.sampler(snap) if is_sharded(self.state) else self.state.ema
+            # built once, and only if a grid or an evaluation samples (under FSDP it is a whole copy)
+            net = functools.cache(lambda: self.sampler(snap) if is_sharded(self.state) else self.state.ema)
             scored = self.evaluate(step, net)  # before the checkpoint: its metrics carry the scores
             self.files.flush()  # metrics.jsonl reaches this step before the checkpoint does
             t0 = time.perf_counter()
@@ -554,7 +557,7 @@ class Run:
             saved = time.perf_counter() - t0
             if self.prompts is not None:
                 sheet = write_samples(self.state, self.prompts, storage.url_join(self.url, "samples",
-                                                                                 f"step_{step:06d}.png"), net=net)
+                                                                                 f"step_{step:06d}.png"), net=net())
                 if self.trackers is not None:
                     self.trackers.image("samples", sheet, step)
             if self.trackers is not None:
@@ -565,8 +568,8 @@ class Run:
         self.last_ckpt = step
         return url
 
-    def evaluate(self, step: int, net: torch.nn.Module) -> dict:
-        """Rank 0: the eval_* metrics of `net` when this checkpoint is due for them (every
+    def evaluate(self, step: int, net: Callable[[], torch.nn.Module]) -> dict:
+        """Rank 0: the eval_* metrics of `net()` when this checkpoint is due for them (every
         `evaluation["every"]` steps and the last), logged as their own metrics.jsonl record and
         kept in the metrics this checkpoint and Ray Train's scoring see; {} otherwise."""
         ev = self.evaluation
@@ -574,7 +577,7 @@ class Run:
             return {}
         if self.evaluator is None:
             self.evaluator = evaluation.CheckpointEval(ev["features"], ev["rows"], self.state.runtime.device)
-        scores = self.evaluator(net, self.state.model_cfg)
+        scores = self.evaluator(net(), self.state.model_cfg)
         metrics = self.last_metrics
         self.log({"step": step, **scores})
         self.last_metrics = {**metrics, **scores}

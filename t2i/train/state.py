@@ -43,6 +43,9 @@ class TrainState:
     opts: dict[str, torch.optim.Optimizer]
     step: int = 0
     samples_seen: int = 0
+    # Networks the step runs but never trains or checkpoints (a distillation teacher, rebuilt
+    # from the config on resume).
+    frozen: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
     @property
     def family(self) -> str:
