@@ -10,7 +10,7 @@ section of BENCHMARKS.md.
 
 It also reports, per family, how varied each prompt's images are (a diversity ratio against the
 training data: mode collapse shows as a number near 0) and, for flow, the same model sampled with
-4 and 8 steps. `flow1` is the one-step flow (`flow-s-1step`): flow-s distilled into one Euler step
+4 and 8 steps. `flow1` is the one-step flow (`flow1-s`): flow-s distilled into one Euler step
 for `--distill-minutes` (5) on top of its teacher's budget, from the flow model trained in the
 same run (`--family all`) or from `--teacher DIR`. Every generated image is kept under `--out`
 with a manifest.jsonl.
@@ -69,7 +69,7 @@ JSON_PATH = RESULTS / "quality_shapes.json"
 BAR = {"flow": {"seen": 0.98, "heldout": 0.95, "seen_4_steps": 0.95},
        "gan": {"seen": 0.95, "heldout": 0.90, "diversity": 0.6},
        "flow1": {"seen": 0.95, "heldout": 0.90, "diversity": 0.6, "speed_vs_gan": 0.5}}
-PRESETS = {"flow": "flow-s", "gan": "gan-s", "flow1": "flow-s-1step"}
+PRESETS = {"flow": "flow-s", "gan": "gan-s", "flow1": "flow1-s"}
 RESOLUTION = 32
 log = logging.getLogger("quality_shapes")
 

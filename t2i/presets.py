@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
 
 # One-step flow: flow-s's network, distilled from a trained flow-s checkpoint (`train.teacher`)
 # into a single Euler step from pure noise with the guidance baked in (Luhman & Luhman 2021).
-PRESETS["flow-s-1step"] = Preset(
+PRESETS["flow1-s"] = Preset(
     dataclasses.replace(PRESETS["flow-s"].model, steps=1, guidance=1.0),
     dataclasses.replace(PRESETS["flow-s"].train, steps=700, lr=3e-4, warmup_steps=10, ema_decay=0.99,
                         teacher_steps=4), distils=True)

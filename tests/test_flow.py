@@ -303,10 +303,10 @@ def test_one_step_student_learns_its_teachers_samples(tmp_path):
 def test_distillation_needs_a_matching_teacher(tmp_path):
     from t2i.presets import check_teacher
 
-    preset = get_preset("flow-s-1step")
+    preset = get_preset("flow1-s")
     assert preset.model.steps == 1 and preset.model.guidance == 1.0
     with pytest.raises(ConfigError, match="train.teacher=DIR"):
-        check_teacher("flow-s-1step", preset.model, preset.train)
+        check_teacher("flow1-s", preset.model, preset.train)
     gan = get_preset("gan-debug")
     with pytest.raises(ConfigError, match="only flow models"):
         check_teacher("gan-debug", gan.model, replace(gan.train, teacher="x"))

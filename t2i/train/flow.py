@@ -79,8 +79,9 @@ def flow_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[s
     teacher = state.frozen.get("teacher")
     if teacher is not None:
         t_cfg = teacher.cfg  # the targets are the teacher's samples: its solver, time shift and guidance
-        target = flow_sample(teacher, *text, eps, tc.teacher_steps, t_cfg.guidance, t_cfg.sampler, t_cfg.time_shift)
         with state.runtime.autocast():
+            target = flow_sample(teacher, *text, eps, tc.teacher_steps, t_cfg.guidance, t_cfg.sampler,
+                                 t_cfg.time_shift)
             loss = one_step_distillation_loss(model, eps, target, *text)
     else:
         t = logit_normal_t(n, cfg.t_mean, cfg.t_std).to(x0.device)
