@@ -283,8 +283,8 @@ def markdown(res: dict) -> str:
         gen = f"{r['gen_img_per_s']:.1f}"
         if "sampling" in r:
             gen += f" ({r['sampling']['steps']} {r['sampling']['sampler']} steps, CFG {r['sampling']['guidance']:g})"
-        cells = [fam, f"`{r['preset']}`", str(r["steps"]), f"{r['train_seconds'] / 60:.1f} min ({r['budget_minutes']:g})",
-                 f"{r['train_img_per_s']:.0f}"]
+        cells = [fam, f"`{r['preset']}`", str(r["steps"]),
+                 f"{r['train_seconds'] / 60:.1f} min ({r['budget_minutes']:g})", f"{r['train_img_per_s']:.0f}"]
         for split in ("seen", "heldout"):
             a = r[split]
             cells.append(f"**{pct(a['all'])}** ({pct(a['shape'])} / {pct(a['color'])} / {pct(a['bg'])})")
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     merged = {**previous.get("families", {}), **results} if same_setup else results
     better, ok = verdict(merged)
     res = {
-        "benchmark": "quality_shapes", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "quality_shapes",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "num": args.num, "train_samples": args.num, "resolution": RESOLUTION,
         "encoder": encoder.spec.name, "per_prompt": args.per_prompt, "per_heldout": args.per_heldout,
         "prompts": {s: len(rows[s]["captions"]) for s in rows}, "holdout": [list(x) for x in shapes.DEFAULT_HOLDOUT],

@@ -45,8 +45,9 @@ def registry(tmp_path_factory, tiny_encoders):
     """gan-debug ("gan") and flow-debug ("flow") with the tiny BERT encoder; "flowx": flow-debug with
     every optional part (conv MLP, long skips, conv stem and output, bottleneck patches, learned
     positions), predicting x, time shift 3, Heun, guidance 2, on the tiny decoder LLM (layer -2, a prefix);
-    "flowu": flow-debug as the U-Net (pixel-unshuffled, attention at 4 px, v prediction); "wrongenc": a card whose encoder revision is not the encoder's. EMA weights get random noise:
-    adaLN-Zero and zeroed output layers would otherwise make every network output 0."""
+    "flowu": flow-debug as the U-Net (pixel-unshuffled, attention at 4 px, v prediction); "wrongenc":
+    a card whose encoder revision is not the encoder's. EMA weights get random noise: adaLN-Zero
+    and zeroed output layers would otherwise make every network output 0."""
     root = tmp_path_factory.mktemp("export")
     bert = TextEncoder(EncoderSpec(name=tiny_encoders["encoder"], kind="encoder", max_tokens=16), "cpu").spec
     llm = TextEncoder(EncoderSpec(name=tiny_encoders["decoder"], kind="decoder", max_tokens=16, hidden_layer=-2,
