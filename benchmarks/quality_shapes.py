@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from _report import git_commit, write_section  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from t2i.checkpoint import latest_checkpoint  # noqa: E402
 from t2i.config import (  # noqa: E402
     EncoderSpec,
     parse_sets,  # noqa: E402
@@ -157,8 +158,6 @@ def train_family(family: str, args, data: ArrayData, encoder: TextEncoder, rows:
     # One checkpoint, at the end: a mid-run save and grid would come out of the fixed time budget.
     minutes = args.minutes
     if family == "flow1":  # distilled from --teacher, or from the flow model this run trained
-        from t2i.checkpoint import latest_checkpoint
-
         t_over["teacher"] = args.teacher or latest_checkpoint(str(run_dir / "flow"))
         if not t_over["teacher"]:
             raise SystemExit("flow1 needs a flow-s checkpoint: --teacher DIR, or --family all")
