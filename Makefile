@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make demo DATA=icons`: the same flow on real images (Debian icon themes), scored by t2i eval.
 demo: $(STAMP)
-	$(BIN)/t2i demo
+	$(BIN)/t2i demo $(if $(DATA),--data $(DATA) --out demo-$(DATA))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

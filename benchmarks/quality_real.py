@@ -1,11 +1,11 @@
-"""Quality on real data: a Debian icon theme's PNG icons, captioned by their names.
+"""Quality on real data: Debian icon themes' PNG icons, captioned by their names.
 
-The icons (`python -m t2i.data.icons`: oxygen-icon-theme by default, its .deb fetched once with
-`apt-get download`) are embedded at 32 px in this process with the `t2i embed` stages and a 10%
+The icons (`python -m t2i.data.icons`: five themes by default, 2,218 icons, their .debs fetched once
+with `apt-get download`) are embedded at 32 px in this process with the `t2i embed` stages and a 20%
 held-out split (`--holdout`: by key hash, so no held-out icon or caption is ever trained on). Our
-eval features are fitted on the training split (`t2i eval fit-features`); `flow-s` and `gan-s` are
-trained for `--minutes` each (`t2i.train.local.train_local`) and registered, as is an untrained
-(random-init) model of each family. `t2i eval` then generates one image per held-out caption with
+eval features are fitted on the training split (`t2i eval fit-features`, which also learns to see
+noise and blur); `flow-s` and `gan-s` are trained for `--minutes` each (`t2i.train.local.train_local`)
+and registered, as is an untrained (random-init) model of each family. `t2i eval` then generates one image per held-out caption with
 each model and scores it against the held-out real images: FD, KID, k-NN precision/recall and
 retrieval R@1/R@5 (generated image -> its caption among the held-out captions). The floor row
 scores real against real: the held-out images against as many training images.
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default="data/icons", help="icon shards; written here first if absent (data/icons)")
     p.add_argument("--package", default=icons.DEFAULT_PACKAGE, help=f"icon theme ({icons.DEFAULT_PACKAGE})")
     p.add_argument("--deb", help="the package's .deb, if already downloaded")
-    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction by key hash (0.1)")
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction by key hash (0.2)")
     p.add_argument("--feature-steps", type=int, default=1000, help="fit-features steps (1000)")
     p.add_argument("--feature-widths", default=FEATURE_WIDTHS, help=f"fit-features conv widths ({FEATURE_WIDTHS})")
     p.add_argument("--n", type=int, help="score N held-out captions (default: all)")

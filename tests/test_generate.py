@@ -29,7 +29,7 @@ from t2i import storage
 from t2i.config import EncoderSpec, replace
 from t2i.data import shapes
 from t2i.errors import T2IError
-from t2i.eval import score_generated
+from t2i.eval import score_generated, shapes_report
 from t2i.families import make_state
 from t2i.presets import get_preset
 from t2i.registry import Registry
@@ -276,6 +276,11 @@ def test_score_generated_per_split(tmp_path):
     assert score_generated(str(tmp_path), expected, reference=0) == {"seen": 1.0, "heldout": 1.0}
     expected["x3"] = {**expected["x3"], "color": "red"}  # the image shows blue
     assert score_generated(str(tmp_path), expected, reference=0) == {"seen": 1.0, "heldout": 0.5}
+    acc = score_generated(str(tmp_path), expected, reference=0)
+    report = shapes_report({**acc, "diversity": 0.5}, "shapes-flow (flow-s)", 4, 2, {"train": 30.0, "generate": 2.0},
+                           40.0, "/o", "/o/registry")
+    assert report["accuracy_heldout"] == 0.5 and report["generate_images_per_s"] == 2.0
+    assert report["lines"]["accuracy"].startswith("seen prompts 100.0%, held-out prompts 50.0%")
 
 
 @pytest.mark.parametrize("varied", [True, False])

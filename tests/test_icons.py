@@ -17,7 +17,7 @@ from PIL import Image
 from t2i.data import icons
 from t2i.data.embed import shard_rows
 from t2i.data.shards import expand_shards
-from t2i.errors import T2IError
+from t2i.errors import ConfigError, T2IError
 
 
 def png(img: Image.Image) -> bytes:
@@ -129,6 +129,28 @@ def test_theme_to_shards_that_embed_reads_whole(theme, tmp_path):
     assert metas["apps-accessories-calculator"]["source_size"] == 48
     with pytest.raises(T2IError, match="not empty"):
         icons.build(out, tree=str(theme))
+
+
+def test_themes_combine_first_one_wins(theme, tmp_path):
+    """Several themes in one set: a name the first theme has already is left out of the second (the same
+    caption); new names are added; icons.json lists each source and every sample names its own."""
+    second = tmp_path / "second-theme"
+    for rel, data in {"48x48/apps/accessories-calculator.png": rgba(48, (0, 200, 0, 255), (2, 2, 30, 30)),
+                      "48x48/devices/printer.png": rgba(48, (90, 90, 90, 255), (6, 12, 42, 36))}.items():
+        (second / rel).parent.mkdir(parents=True, exist_ok=True)
+        (second / rel).write_bytes(data)
+    out = tmp_path / "both"
+    info = icons.build(str(out), tree=f"{theme},{second}")
+    assert info["kept"] == 6 and info["skipped"]["duplicate_caption"] == 1
+    assert [(m["source"], m["icons"]) for m in info["sources"]] == [(str(theme), 7), (str(second), 2)]
+    metas = {}
+    for url in expand_shards(str(out)):
+        with tarfile.open(url) as tar:
+            metas.update({m.name[:-5]: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")})
+    assert metas["apps-accessories-calculator"]["package"] == str(theme)  # the first theme's picture
+    assert metas["devices-printer"]["package"] == str(second)
+    with pytest.raises(ConfigError, match="--tree"):
+        icons.build(str(tmp_path / "none"), tree=" , ")
 
 
 def _ar(members: list[tuple[str, bytes]]) -> bytes:

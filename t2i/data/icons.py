@@ -1,6 +1,10 @@
-"""A real image-caption set from a Debian icon theme: PNG icons captioned by their names.
+"""A real image-caption set from Debian icon themes: PNG icons captioned by their names.
 
-    python -m t2i.data.icons --out data/icons [--package oxygen-icon-theme] [--size 48]
+    python -m t2i.data.icons --out data/icons [--package oxygen-icon-theme,moka-icon-theme] [--size 48]
+
+The default combines five themes of different styles (DEFAULT_PACKAGE: 2,218 icons at 48 px once
+repeats are dropped, against 1,285 for oxygen alone), so that a 20% held-out split still holds
+~440 pictures: Fréchet distances on fewer images are dominated by their small-sample bias.
 
 Freedesktop icon themes keep each icon as `<theme>/<S>x<S>/<context>/<name>.png`. A theme's
 `.deb` is fetched once with `apt-get download` into a cache folder (or given with `--deb`, or an
@@ -28,6 +32,7 @@ its version and the counts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -48,7 +53,8 @@ from t2i import storage
 from t2i.data.shapes import encode_png, prepare_out, shard_bytes
 from t2i.errors import ConfigError, T2IError
 
-DEFAULT_PACKAGE = "oxygen-icon-theme"
+# Themes whose icons are PNGs at 48 px (most newer themes are SVG only), first theme first where names repeat.
+DEFAULT_PACKAGE = "oxygen-icon-theme,moka-icon-theme,mate-icon-theme,gnome-icon-theme,lxde-icon-theme"
 DEFAULT_SIZE = 48
 # Where an icon missing at --size is taken from, in this order: larger artwork first (downscaling
 # keeps detail), then 32 px, never the tiny 16/22 px pictograms.
@@ -76,6 +82,7 @@ class Icon:
     size: int  # the size folder the PNG came from
     path: str  # its path in the package or tree
     data: bytes
+    package: str = ""  # the theme it came from (several may be combined)
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -255,23 +262,31 @@ def icon_samples(icons: Iterable[Icon], size: int = DEFAULT_SIZE) -> tuple[list[
         seen["caption"].add(text)
         seen["key"].add(key)
         by_context[icon.context] = by_context.get(icon.context, 0) + 1
-        meta = {"context": icon.context, "name": icon.name, "source_size": icon.size, "path": icon.path}
+        meta = {"context": icon.context, "name": icon.name, "source_size": icon.size, "path": icon.path,
+                "package": icon.package}
         samples.append({"__key__": key, "png": encode_png(rgb), "txt": text.encode(),
                         "json": json.dumps(meta, sort_keys=True).encode()})
     return samples, {"kept": len(samples), "skipped": skipped, "by_context": dict(sorted(by_context.items()))}
 
 
-def write_icons(files: Iterable[tuple[str, bytes]], out: str, *, size: int = DEFAULT_SIZE,
-                shard_size: int = 500, overwrite: bool = False, source: dict | None = None) -> dict:
-    """Icons from `files` ((path, bytes) pairs: `deb_files` or `tree_files`) as WebDataset shards
-    `{00000..}.tar` under `out`, then `icons.json` (returned). A non-empty `out` is refused unless
+def write_icons(sources: Iterable[tuple[dict, Iterable[tuple[str, bytes]]]], out: str, *, size: int = DEFAULT_SIZE,
+                shard_size: int = 500, overwrite: bool = False) -> dict:
+    """Icons from each (source meta, files) pair (`deb_files` or a tree's `tree_files`), in order, as
+    WebDataset shards `{00000..}.tar` under `out`, then `icons.json` (returned). Where themes share an
+    icon name (the same caption) the first source's picture is kept. A non-empty `out` is refused unless
     `overwrite`, which removes only the shards and info file a previous run wrote."""
     if size < 8 or shard_size < 1:
         raise ConfigError(f"--size ({size}) must be >= 8 and --shard-size ({shard_size}) >= 1")
     prepare_out(out, overwrite, INFO_FILE, clear=False)  # refused before the icons are read ...
-    samples, counts = icon_samples(select_icons(files, size), size)
+    metas, selected = [], []
+    for meta, files in sources:
+        picked = select_icons(files, size)
+        metas.append({**meta, "icons": len(picked)})
+        name = meta.get("package") or meta.get("source", "")
+        selected += [dataclasses.replace(icon, package=name) for icon in picked]
+    samples, counts = icon_samples(selected, size)
     if not samples:
-        where = (source or {}).get("source", "the input")
+        where = ", ".join(m.get("source", "the input") for m in metas)
         raise T2IError(f"no {size}x{size} (or fallback-size) PNG icons found in {where}")
     prepare_out(out, True, INFO_FILE)  # ... and the old shards removed only once there are new ones
     shards = []
@@ -279,7 +294,8 @@ def write_icons(files: Iterable[tuple[str, bytes]], out: str, *, size: int = DEF
         url = storage.url_join(out, f"{si // shard_size:05d}.tar")
         storage.write_bytes(url, shard_bytes(samples[si:si + shard_size]))
         shards.append(url.rsplit("/", 1)[-1])
-    info = {"dataset": "icons", **(source or {}), "size": size, "fallback_sizes": list(FALLBACK_SIZES),
+    joined = {k: ",".join(m.get(k, "") for m in metas) for k in ("package", "version", "source")}
+    info = {"dataset": "icons", **joined, "sources": metas, "size": size, "fallback_sizes": list(FALLBACK_SIZES),
             "excluded_contexts": list(EXCLUDED_CONTEXTS), "shard_size": shard_size, "shards": shards, **counts}
     storage.write_text(storage.url_join(out, INFO_FILE), json.dumps(info, indent=1))
     return info
@@ -294,20 +310,30 @@ def read_info(out: str) -> dict | None:
 def build(out: str, *, package: str = DEFAULT_PACKAGE, deb: str | None = None, tree: str | None = None,
           cache: str | Path = CACHE, size: int = DEFAULT_SIZE, shard_size: int = 500,
           overwrite: bool = False) -> dict:
-    """The whole script: a theme folder (`tree`), a .deb (`deb`), or `package` fetched into `cache`."""
+    """The whole script: theme folders (`tree`), .debs (`deb`), or the `package`s fetched into `cache`;
+    each may be a comma-separated list, read in that order."""
     if tree:
-        return write_icons(tree_files(tree), out, size=size, shard_size=shard_size, overwrite=overwrite,
-                           source={"package": "", "version": "", "source": str(tree)})
-    meta, files = deb_files(deb or fetch_deb(package, cache))
-    return write_icons(files, out, size=size, shard_size=shard_size, overwrite=overwrite, source=meta)
+        sources = [({"package": "", "version": "", "source": t}, tree_files(t)) for t in _names(tree, "--tree")]
+    else:
+        debs = _names(deb, "--deb") if deb else [fetch_deb(p, cache) for p in _names(package, "--package")]
+        sources = (deb_files(d) for d in debs)  # one package's files in memory at a time
+    return write_icons(sources, out, size=size, shard_size=shard_size, overwrite=overwrite)
+
+
+def _names(value: str, option: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ConfigError(f"{option} {value!r}: give one name or a comma-separated list")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2i.data.icons", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory or s3:// prefix for the shards")
-    p.add_argument("--package", default=DEFAULT_PACKAGE, help=f"Debian icon theme package ({DEFAULT_PACKAGE})")
-    p.add_argument("--deb", help="use this .deb instead of fetching --package")
-    p.add_argument("--tree", help="use an unpacked icon theme folder (e.g. /usr/share/icons/oxygen/base)")
+    p.add_argument("--package", default=DEFAULT_PACKAGE, help="Debian icon theme packages, comma-separated; where "
+                   f"names repeat the first theme's icon is kept ({DEFAULT_PACKAGE})")
+    p.add_argument("--deb", help="use these .debs (comma-separated) instead of fetching --package")
+    p.add_argument("--tree", help="unpacked icon theme folders, comma-separated (e.g. /usr/share/icons/oxygen/base)")
     p.add_argument("--cache", default=str(CACHE), help=f"where fetched .debs are kept ({CACHE})")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"icon size in px ({DEFAULT_SIZE})")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (500)")

@@ -78,6 +78,31 @@ def score_generated(out: str, expected: Mapping[str, Mapping], reference: int = 
     return scores
 
 
+def shapes_report(acc: Mapping[str, float], model: str, images: int, per_prompt: int, timings: Mapping[str, float],
+                  total: float, out: str, registry: str) -> dict:
+    """`t2i demo`'s report on shapes: `score_generated`'s accuracy and diversity, the stage times, and the
+    lines it prints (`lines`)."""
+    gen_s = timings["generate"]
+    report = {
+        "model": model, "accuracy_seen": acc.get("seen"), "accuracy_heldout": acc.get("heldout"),
+        "diversity": acc.get("diversity"),  # spread of shape position/size per prompt vs the data's (1 = as varied)
+        "images": images, "generate_images_per_s": images / gen_s,
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(total, 1),
+        "contact_sheet": f"{out}/generated/grid.png", "registry": registry, "per_prompt": per_prompt, "out": out,
+    }
+    report["lines"] = {
+        "model": f"{model}, registered in {registry}",
+        "accuracy": f"seen prompts {acc.get('seen', 0):.1%}, held-out prompts {acc.get('heldout', 0):.1%} (all three "
+                    f"attributes right, {per_prompt} images per prompt)",
+        "diversity": f"{acc.get('diversity', 0):.2f} (per prompt, spread of the shape's position and size over its "
+                     "images / the data's; median)",
+        "generation": f"{images} images in {gen_s:.1f} s ({images / gen_s:.1f} images/s, Ray start-up included)",
+        "stages": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        "contact sheet": report["contact_sheet"], "report": f"{out}/report.json",
+    }
+    return report
+
+
 def write_shapes_prompts(path: str, per_prompt: int) -> dict[str, dict]:
     """A prompt file of every seen and held-out shape x colour prompt, `per_prompt` seeds each.
 

@@ -27,8 +27,24 @@ from t2i import generate as gen
 from t2i import storage
 from t2i.data.embedded import Embedded, load_embedded
 from t2i.errors import ConfigError, T2IError
-from t2i.eval.features import CARD, WIDTHS, Features, fit_features, open_features, unique_text
-from t2i.eval.metrics import clip_score, embed_all, local_model_dir, read_folder, read_images, retrieval_recall, scores
+from t2i.eval.features import (
+    CARD,
+    WIDTHS,
+    Features,
+    fit_features,
+    open_features,
+    unique_text,
+)
+from t2i.eval.grid import write_contact_sheet
+from t2i.eval.metrics import (
+    clip_score,
+    embed_all,
+    local_model_dir,
+    read_folder,
+    read_images,
+    retrieval_recall,
+    scores,
+)
 from t2i.prompts import id_problem
 from t2i.registry import Registry
 
@@ -74,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay; 2e-3)")
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="channels of the 4 conv blocks")
+    p.add_argument("--degradation", type=float, default=1.0, help="weight of the noise/blur-level loss that makes "
+                   "the features see image quality (1; 0: captions only)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace a feature model already at --out")
@@ -197,6 +215,46 @@ def evaluate(model: str, data: str, out: str, *, features: str | None, registry:
     return result
 
 
+def fit_and_evaluate(model: str, data: str, out: str, *, registry: str | None = None, n: int | None = None,
+                     feature_steps: int = 1000, seed: int = 0, sheet_rows: int = 12) -> dict:
+    """What a user does first on a new dataset: fit our feature network on `data`'s training rows
+    (OUT/features), `t2i eval` the model on the held-out split (OUT/eval), and write a contact sheet of
+    real and generated images for the first `sheet_rows` scored captions (OUT/contact_sheet.png).
+    Returns the eval record with the feature card's train R@5 and the sheet's URL."""
+    features = storage.url_join(out, "features")
+    card = fit_features(data, features, steps=feature_steps, seed=seed, overwrite=True)
+    r = evaluate(model, data, storage.url_join(out, "eval"), features=features, registry=registry, n=n, seed=seed)
+    held = load_split(data, "heldout")
+    rows = pick_rows(len(held), n, seed)[:sheet_rows]
+    ids = row_ids([held.keys[i] for i in pick_rows(len(held), n, seed)])[:sheet_rows]
+    fake = read_images([storage.url_join(out, "eval", GENERATED, gen.IMAGES, f"{i}.png") for i in ids])
+    pairs = np.stack([held.images[rows], fake], axis=1).reshape(-1, *fake.shape[1:])
+    sheet = write_contact_sheet(storage.url_join(out, "contact_sheet.png"), pairs, ncol=2, scale=2,
+                                row_labels=[held.captions[i] for i in rows])
+    return {**r, "features_train_r_at_5": card["metrics"]["train_r_at_5"], "contact_sheet": sheet}
+
+
+def real_data_report(r: dict, timings: dict, total: float, out: str) -> dict:
+    """`t2i demo --data icons`'s report: `fit_and_evaluate`'s scores, the stage times, and the lines it prints."""
+    chance = r["retriever"]["chance_r_at_5"]
+    report = {k: r[k] for k in ("model", "n", "fd", "kid_mean", "kid_std", "precision", "recall", "r_at_1", "r_at_5",
+                                "contact_sheet")}
+    report.update(chance_r_at_5=chance, features=r["features"]["digest"], out=out, total_seconds=round(total, 1),
+                  stage_seconds={k: round(v, 1) for k, v in timings.items()})
+    report["lines"] = {
+        "model": f"{r['model']}, scored on {r['n']} held-out captions (one image each) against their real images",
+        # With subsets as large as the set, every subset is the whole set: the spread is rounding.
+        "FD / KID": f"{r['fd']:.4g} / {r['kid_mean']:.4g}" + (f" ± {r['kid_std']:.2g}" if r["kid_std"] > 1e-9 else "")
+                    + f" (features {r['features']['digest'][:19]}, fitted on the training split)",
+        "precision": f"{r['precision']:.3f}, recall {r['recall']:.3f}",
+        "retrieval": f"R@1 {r['r_at_1']:.3f}, R@5 {r['r_at_5']:.3f} = {r['r_at_5'] / chance:.1f}x chance "
+                     "(generated image -> its caption among the held-out captions)",
+        "stages": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        "contact sheet": f"{r['contact_sheet']} (real | generated)", "report": f"{out}/report.json",
+    }
+    return report
+
+
 def folder_scores(real_dir: str, fake_dir: str, features: Features, **kw) -> dict:
     """FD, KID and precision/recall of two image folders under one feature network."""
     real = embed_all(features.net, read_folder(real_dir))
@@ -223,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--widths {args.widths!r}: comma-separated integers") from None
         card = fit_features(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            widths=widths, seed=args.seed, device=args.device, overwrite=args.overwrite)
+                            widths=widths, seed=args.seed, device=args.device, overwrite=args.overwrite,
+                            degradation=args.degradation)
         m = card["metrics"]
         print(f"fit-features: {card['train']['steps']} steps in {card['train']['seconds']:.1f} s; train R@1 "
               f"{m['train_r_at_1']:.3f} R@5 {m['train_r_at_5']:.3f} (chance {m['chance_r_at_5']:.3f}, "
