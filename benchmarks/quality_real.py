@@ -215,10 +215,11 @@ def _kid(r: dict) -> str:
 
 def markdown(res: dict) -> str:
     d, m = res["data"], res["machine"]
+    themes = ", ".join(f"`{p}` {v}" for p, v in zip(d["package"].split(","), d["version"].split(",")))
     lines = [
         "## Real-data quality (`benchmarks/quality_real.py`)",
         "",
-        f"{d['icons']:,} icons of `{d['package']}` {d['version']} ({d['size']} px PNGs, alpha on white, captions "
+        f"{d['icons']:,} icons of {themes} ({d['size']} px PNGs, alpha on white, captions "
         f"from the icon names: \"{d['example']}\"), embedded at {res['resolution']} px with {res['encoder']}; "
         f"{d['heldout']} held out by key hash, {d['train']} to train on. Each family trained in one process for "
         f"{res['minutes']:g} min on {m['cpus']} CPU cores (load average {m['load_avg_start']:.1f} at the start; "

@@ -241,8 +241,9 @@ def fit_job(job: JobConfig, launched: float) -> dict:
         progress.close()
     # Ray Train writes its record of the kept checkpoints before deleting the old ones, so a run cut
     # short in between leaves a finished checkpoint nobody tracks; at the end of a successful run
-    # the newest `keep` on storage are exactly the ones Ray Train kept.
-    for url in prune(job.out, job.keep, best_checkpoints(job)):
+    # the newest `keep` on storage are exactly the ones Ray Train kept. A finished --keep-best run needs no
+    # resume point: exactly the best `keep` stay (a longer rerun resumes from the newest of them).
+    for url in prune(job.out, job.keep, best_checkpoints(job), keep_newest=False):
         log.info("removed a checkpoint left over by an interrupted run: %s", storage.describe(url))
     return {**(result.return_value or {}), "launch": cfg["launch"], "dataset_digest": manifest["digest"],
             "preset": job.model}

@@ -388,12 +388,19 @@ def latest_checkpoint(run_url: str) -> str | None:
     return done[-1][1] if done else None
 
 
-def prune(run_url: str, keep: int, best: Callable[[dict[int, dict]], set[int]] | None = None) -> list[str]:
+def checkpoint_metrics(done: list[tuple[int, str]]) -> dict[int, dict]:
+    """{step: the metrics saved in its meta.json} for `list_checkpoints`' (step, URL) pairs."""
+    return {s: json.loads(storage.read_bytes(storage.url_join(u, META))).get("metrics") or {} for s, u in done}
+
+
+def prune(run_url: str, keep: int, best: Callable[[dict[int, dict]], set[int]] | None = None,
+          keep_newest: bool = True) -> list[str]:
     """Delete all but the newest `keep` finished checkpoints (with `best`: the steps it picks from
     {step: the checkpoint's metrics}), and unfinished ones older than those.
 
-    Unfinished directories newer than the newest finished one are left: a save may be in flight.
-    Returns the deleted URLs.
+    With `best`, the newest finished checkpoint is kept as well (the resume point) unless not
+    `keep_newest`, for a run that has finished. Unfinished directories newer than the newest finished
+    one are left: a save may be in flight. Returns the deleted URLs.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
@@ -403,10 +410,9 @@ def prune(run_url: str, keep: int, best: Callable[[dict[int, dict]], set[int]] |
     if best is None:
         kept = {u for _, u in done[-keep:]}
     else:
-        metrics = {s: json.loads(storage.read_bytes(storage.url_join(u, META))).get("metrics") or {} for s, u in done}
-        chosen = best(metrics)
+        chosen = best(checkpoint_metrics(done))
         kept = {u for s, u in done if s in chosen}
-    newest = done[-1][0]
+    newest = done[-1][0] if keep_newest or best is None else done[-1][0] + 1
     doomed = [u for s, u in list_checkpoints(run_url, complete_only=False) if u not in kept and s < newest]
     for u in doomed:
         # digests first: a prune that dies midway leaves an unfinished dir, never a finished-looking one

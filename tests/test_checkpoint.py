@@ -165,6 +165,20 @@ def test_prune_keeps_newest(base):
     assert left == ["step_000003", "step_000004", "step_000005"]
 
 
+
+def test_prune_by_metric_keeps_the_resume_point_until_the_run_ends(base):
+    state = state_for("flow-debug")
+    for step, fd in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)):
+        state.step = step
+        ck.save_checkpoint(ck.checkpoint_url(base, step), state, meta_extra={"metrics": {"eval_fd": fd}})
+    assert ck.checkpoint_metrics(ck.list_checkpoints(base))[3] == {"eval_fd": 2.0}
+    lowest = lambda metrics: set(sorted(metrics, key=lambda s: metrics[s]["eval_fd"])[:2])  # noqa: E731
+    ck.prune(base, keep=2, best=lowest)
+    assert [s for s, _ in ck.list_checkpoints(base)] == [2, 3, 4]  # the 2 best and the newest, to resume from
+    ck.prune(base, keep=2, best=lowest, keep_newest=False)
+    assert [s for s, _ in ck.list_checkpoints(base)] == [2, 3]  # a finished run: exactly the 2 best
+
+
 def test_config_mismatch_named(tmp_path):
     url = str(tmp_path / "c")
     ck.save_checkpoint(url, state_for("flow-debug"))

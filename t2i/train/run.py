@@ -342,14 +342,21 @@ def dataset_prompts(job: JobConfig, manifest: dict) -> EvalPrompts:
 
 
 def register_result(job: JobConfig, result: dict) -> dict:
-    """Register a finished run's last checkpoint as `job.register`; returns {"ref", "registry"}."""
+    """Register a finished run's last checkpoint (with --keep-best, its best) as `job.register`;
+    returns {"ref", "registry"}."""
     reg = Registry(job.registry or None)
-    metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    checkpoint, metrics = result["checkpoint"], result.get("metrics") or {}
+    if job.keep_best:  # the best checkpoint by the metric, not the last
+        done = ck.list_checkpoints(job.out)
+        saved = ck.checkpoint_metrics(done)
+        step = max(evaluation.best_steps(job.keep_best, 1, saved) or {done[-1][0]})
+        checkpoint, metrics = dict(done)[step], saved[step]
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     extra: dict = {"preset": job.model, "metrics": metrics}
     if mlflow_registry.enabled():  # MLflow's version first, so that the (immutable) card can name it
-        mirrored = mlflow_registry.register(job.register, result["checkpoint"], job.out)
+        mirrored = mlflow_registry.register(job.register, checkpoint, job.out)
         extra["mlflow"] = {"uri": mirrored["uri"], "version": mirrored["version"]}
-    ref = reg.register(job.register, result["checkpoint"], card_extra=extra)
+    ref = reg.register(job.register, checkpoint, card_extra=extra)
     if "mlflow" in extra:
         mlflow_registry.tag(reg.resolve(str(ref)))
     return {"ref": str(ref), "registry": reg.where, **({"mlflow": extra["mlflow"]["uri"]} if "mlflow" in extra else {})}
