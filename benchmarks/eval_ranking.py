@@ -94,13 +94,12 @@ def train(family: str, args, emb_url: str, runs: Path) -> str:
     return str(out)
 
 
-def score_checkpoint(ref: str, args, work: Path, attrs: dict) -> dict:
+def score_checkpoint(ref: str, args, work: Path, held, attrs: dict) -> dict:
     """`t2i eval` of one registered checkpoint, plus the readout's accuracy on the same images."""
     out = work / "eval" / ref.replace(":", "-")
     shutil.rmtree(out, ignore_errors=True)
     r = evaluate(ref, str(work / "emb"), str(out), features=str(work / "features"), registry=str(work / "registry"),
                  split="heldout", n=args.n, seed=args.seed, batch_size=64)
-    held = load_embedded(str(work / "emb"), split="heldout")
     rows = pick_rows(len(held), args.n, args.seed)
     ids = row_ids([held.keys[i] for i in rows])
     images = read_images([str(out / "generated" / IMAGES / f"{i}.png") for i in ids])
@@ -190,20 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     card = fit_features(str(work / "emb"), str(work / "features"), steps=args.feature_steps, seed=args.seed,
                         device="cpu", overwrite=True)
     registry = Registry(str(work / "registry"))
+    held = load_embedded(str(work / "emb"), split="heldout")
     res_families = {}
     for family in families:
         run = train(family, args, str(work / "emb"), work / "runs")
         rows = []
         for step, url in list_checkpoints(run):
             ref = str(registry.register(f"shapes-{family}-{step}", url))
-            r = {"step": step, **score_checkpoint(ref, args, work, attrs)}
+            r = {"step": step, **score_checkpoint(ref, args, work, held, attrs)}
             log.info("%s step %d: accuracy %.3f FD %.4g KID %.4g precision %.3f recall %.3f R@5 %.3f", family, step,
                      r["accuracy"], r["fd"], r["kid_mean"], r["precision"], r["recall"], r["r_at_5"])
             rows.append(r)
         res_families[family] = {"preset": PRESETS[family], "checkpoints": rows, "verdict": verdict(rows)}
     res = {
         "benchmark": "eval_ranking", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "num": args.num, "heldout": len(load_embedded(str(work / "emb"), split="heldout")),
+        "commit": git_commit(), "num": args.num, "heldout": len(held),
         "n": args.n, "encoder": ENCODER, "resolution": RESOLUTION,
         "features": {"steps": args.feature_steps, "digest": card["digest"], **card["metrics"]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

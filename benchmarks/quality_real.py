@@ -5,9 +5,9 @@ with `apt-get download`) are embedded at 32 px in this process with the `t2i emb
 held-out split (`--holdout`: by key hash, so no held-out icon or caption is ever trained on). Our
 eval features are fitted on the training split (`t2i eval fit-features`, which also learns to see
 noise and blur); `flow-s` and `gan-s` are trained for `--minutes` each (`t2i.train.local.train_local`)
-and registered, as is an untrained (random-init) model of each family. `t2i eval` then generates one image per held-out caption with
-each model and scores it against the held-out real images: FD, KID, k-NN precision/recall and
-retrieval R@1/R@5 (generated image -> its caption among the held-out captions). The floor row
+and registered, as is an untrained (random-init) model of each family. `t2i eval` then generates one
+image per held-out caption with each model and scores it against the held-out real images: FD, KID,
+k-NN precision/recall and retrieval R@1/R@5 (generated image -> its caption among the held-out captions). The floor row
 scores real against real: the held-out images against as many training images.
 
 BAR: FD(real held-out, real train) <= 0.1 x FD(untrained) for each family, every trained model
@@ -69,9 +69,8 @@ RESOLUTION = 32
 ENCODER = "all-MiniLM-L6-v2"  # the packaged text encoder: nothing is downloaded
 SHEET_ROWS = 12
 # Our feature network's conv widths: a 64-wide last block, because FD is strongly biased when N is
-# below the feature width and the held-out split has only ~130 icons. Measured on this set (N=141):
-# with the default 256-wide features the floor was 13.3 against 42 for a flat grey image; with 64, 0.82
-# against 7.8.
+# not well above the feature width. Measured on oxygen's icons alone (N=141): with the default 256-wide
+# features the floor was 13.3 against 42 for a flat grey image; with 64, 0.82 against 7.8.
 FEATURE_WIDTHS = "32,64,128,64"
 log = logging.getLogger("quality_real")
 
@@ -308,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-widths", default=FEATURE_WIDTHS, help=f"fit-features conv widths ({FEATURE_WIDTHS})")
     p.add_argument("--n", type=int, help="score N held-out captions (default: all)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (100)")
-    p.add_argument("--kid-subset-size", type=int, default=100, help="images per KID subset (100; below the "
-                   "~130 held-out icons, so that the subsets differ and their std means something)")
+    p.add_argument("--kid-subset-size", type=int, default=100, help="images per KID subset (100; well below the "
+                   "480 held-out icons, so that the subsets differ and their std means something)")
     p.add_argument("--out", default="quality_real-out", help="work folder: embedded set, features, runs, "
                    "registry, eval outputs (default ./quality_real-out)")
     p.add_argument("--seed", type=int, default=0, help="eval rows, generation noise and KID subsets")

@@ -225,8 +225,8 @@ def fit_and_evaluate(model: str, data: str, out: str, *, registry: str | None = 
     card = fit_features(data, features, steps=feature_steps, seed=seed, overwrite=True)
     r = evaluate(model, data, storage.url_join(out, "eval"), features=features, registry=registry, n=n, seed=seed)
     held = load_split(data, "heldout")
-    rows = pick_rows(len(held), n, seed)[:sheet_rows]
-    ids = row_ids([held.keys[i] for i in pick_rows(len(held), n, seed)])[:sheet_rows]
+    scored = pick_rows(len(held), n, seed)  # evaluate's rows, in its order
+    rows, ids = scored[:sheet_rows], row_ids([held.keys[i] for i in scored])[:sheet_rows]
     fake = read_images([storage.url_join(out, "eval", GENERATED, gen.IMAGES, f"{i}.png") for i in ids])
     pairs = np.stack([held.images[rows], fake], axis=1).reshape(-1, *fake.shape[1:])
     sheet = write_contact_sheet(storage.url_join(out, "contact_sheet.png"), pairs, ncol=2, scale=2,
