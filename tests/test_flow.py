@@ -315,3 +315,20 @@ def test_distillation_needs_a_matching_teacher(tmp_path):
     with pytest.raises(ConfigError, match="differs at width"):
         make_state(tiny_cfg(width=64, steps=1), tc, setup_runtime("cpu"))
     make_state(tiny_cfg(steps=1, guidance=1.0, sampler="heun"), tc, setup_runtime("cpu"))  # sampling may differ
+
+
+def test_without_pooled_conditioning_the_caption_enters_by_its_tokens_only():
+    """pooled_cond=False: no pooled-text weights, the sentence vector changes nothing, the tokens
+    still do, and a dropped caption is still the null condition."""
+    cfg = tiny_cfg(**UNET, pooled_cond=False)
+    m = trained_like(cfg)
+    assert not any("pooled" in name for name, _ in m.named_parameters())
+    tokens, mask, pooled = features(3, 5, seed=4)
+    x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
+    ref = m(x, t, tokens, mask, pooled)
+    torch.testing.assert_close(m(x, t, tokens, mask, torch.randn_like(pooled)), ref, rtol=0, atol=0)
+    assert (m(x, t, torch.randn_like(tokens), mask, pooled) - ref).abs().max() > 1e-4
+    drop = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(m(x, t, tokens, mask, pooled, drop=drop),
+                               m(x, t, torch.randn_like(tokens), mask, pooled, drop=drop), rtol=0, atol=1e-6)
+    assert any("pooled_embed" in name for name, _ in flow_network(tiny_cfg(**UNET)).named_parameters())

@@ -25,6 +25,7 @@ from t2i.presets import PRESETS, get_preset
 from t2i.runtime import setup_runtime
 from t2i.sampling import gan_sample, row_noise
 from t2i.train.gan import gan_noise, gan_train_step, make_gan_state
+from t2i.train.losses import diversity_loss
 from t2i.train.state import images_to_tensor
 
 PALETTE = np.array([(220, 35, 35), (40, 165, 60), (30, 100, 235), (245, 215, 35), (150, 40, 165),
@@ -102,6 +103,22 @@ def test_generator_shape_and_range(name):
     assert logits.shape == (3,) and torch.isfinite(logits).all()
 
 
+def test_generator_without_pooled_text_reads_the_tokens_only(debug):
+    cfg = replace(debug.model, g_pooled=False)
+    torch.manual_seed(0)
+    G = Generator(cfg).eval()
+    with torch.no_grad():  # the cross-attention starts as the identity: open it so the tokens matter
+        for a in G.attn.values():
+            a.out.weight.normal_(0, 0.2)
+    assert not hasattr(G, "text_proj")
+    b = toy_batch(3, cfg.resolution, cfg.text_dim)
+    z = torch.randn(3, cfg.z_dim)
+    with torch.no_grad():
+        ref = G(z, b["tokens"], b["mask"], b["pooled"])
+        assert torch.equal(G(z, b["tokens"], b["mask"], torch.randn_like(b["pooled"])), ref)
+        assert (G(z, torch.randn_like(b["tokens"]), b["mask"], b["pooled"]) - ref).abs().max() > 1e-4
+
+
 def test_sampling_is_deterministic_and_batch_independent(debug):
     cfg = debug.model
     torch.manual_seed(0)
@@ -172,6 +189,31 @@ def test_training_is_deterministic(debug, rt):
     D = st.modules["D"]
     assert float(m["grad_norm_d"]) == pytest.approx(float(torch.cat([p.grad.flatten() for p in D.parameters()
                                                                       if p.grad is not None]).norm()), rel=1e-5)
+
+
+def test_diversity_loss_rewards_images_that_follow_the_latent():
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    x = torch.randn(4, 3, 8, 8)
+    assert float(diversity_loss(x, x.clone(), z1, z2, 0.5)) == 0  # a G that ignores z earns nothing
+    assert float(diversity_loss(x, x + 1.0, z1, z2, 0.1)) == pytest.approx(-0.1)  # capped at tau
+    x2 = (x + 0.01 * torch.randn_like(x)).requires_grad_(True)
+    diversity_loss(x, x2, z1, z2, 0.5).backward()
+    # descending the loss moves x2 away from x
+    with torch.no_grad():
+        assert float(((x2 - 0.1 * x2.grad) - x).abs().mean()) > float((x2 - x).abs().mean())
+
+
+def test_diversity_term_changes_the_generator_step_only(debug, rt):
+    """div_weight > 0: the D step is the same, G's step differs, and the term is logged."""
+    b = toy_batch(8, debug.model.resolution, debug.model.text_dim)
+    states, metrics = [], []
+    for w in (0.0, 1.0):
+        st = make_gan_state(replace(debug.model, div_weight=w, div_tau=10.0), debug.train, rt)
+        metrics.append(gan_train_step(st, dict(b)))
+        states.append(st)
+    assert torch.equal(_flat(states[0].modules["D"], "param"), _flat(states[1].modules["D"], "param"))
+    assert not torch.equal(_flat(states[0].modules["G"], "param"), _flat(states[1].modules["G"], "param"))
+    assert "loss_div" not in metrics[0] and float(metrics[1]["loss_div"]) < 0
 
 
 def test_discriminator_alone_learns_the_batch(debug, rt):

@@ -61,6 +61,11 @@ class FlowConfig:
     # Denoise"): clean images are low-dimensional, noise is not, so x is the easier target in pixels.
     prediction: str = "v"
     x_pred_t_min: float = 0.05  # floor on t when dividing by it (x prediction)
+    # False: only the time modulates the blocks and the caption enters through cross-attention alone,
+    # token by token. Mean-pooled sentence vectors are nearly order-blind ("a white circle on a black
+    # background" vs "a black circle on a white background": cosine 0.993 with MiniLM), so a vector
+    # that modulates every block invites a held-out pair to borrow its neighbours' shapes.
+    pooled_cond: bool = True
     caption_dropout: float = 0.1  # probability a caption is replaced by the null condition
     t_mean: float = 0.0  # logit-normal time sampling: t = sigmoid(t_mean + t_std * n)
     t_std: float = 1.0
@@ -242,10 +247,12 @@ class Conditioned(nn.Module):
 
     def _text_modules(self, W: int, D: int):
         self.t_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
-        self.pooled_embed = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
+        if self.cfg.pooled_cond:  # created before token_embed: the default init stays what it was
+            self.pooled_embed = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
         self.token_embed = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, W))
         self.register = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # always-attended context token
-        self.null_pooled = nn.Parameter(torch.zeros(D))  # pooled text of a dropped caption
+        if self.cfg.pooled_cond:
+            self.null_pooled = nn.Parameter(torch.zeros(D))  # pooled text of a dropped caption
 
     def condition(self, tokens, mask, pooled, drop=None):
         """Caption -> (ctx [B, 1+L, W], ctx_mask [B, 1+L], pooled [B, D]) with dropped rows nulled."""
@@ -254,7 +261,8 @@ class Conditioned(nn.Module):
         if drop is not None:
             dropped = dropped | drop.bool()
         mask = mask & ~dropped[:, None]
-        pooled = torch.where(dropped[:, None], self.null_pooled.to(pooled.dtype)[None], pooled)
+        if self.cfg.pooled_cond:
+            pooled = torch.where(dropped[:, None], self.null_pooled.to(pooled.dtype)[None], pooled)
         B = tokens.shape[0]
         ctx = torch.cat([self.register.expand(B, -1, -1), self.token_embed(tokens)], dim=1)
         ctx_mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
@@ -262,7 +270,8 @@ class Conditioned(nn.Module):
 
     def embedding(self, t, pooled):
         """c [B, W]: time + pooled caption, what every block is modulated by."""
-        return self.t_embed(timestep_embedding(t, self.cfg.width)) + self.pooled_embed(pooled)
+        c = self.t_embed(timestep_embedding(t, self.cfg.width))
+        return c + self.pooled_embed(pooled) if self.cfg.pooled_cond else c
 
     def velocity(self, x, t, out):
         """The network's output as the velocity (x prediction: v = (x_t - x) / t)."""

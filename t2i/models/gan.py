@@ -45,6 +45,14 @@ class GANConfig:
     match_weight: float = 1.0  # mismatched-caption negatives (GigaGAN matching-aware D)
     match_negatives: str = "hard"  # "hard": the most similar other caption in the batch; "roll"
     g_match_weight: float = 1.0  # G's images must also score higher with their caption (XMC-GAN)
+    # Diversity-sensitive loss (DSGAN / MSGAN, t2i.train.losses.diversity_loss): weight 0 = off; tau caps
+    # the image-over-latent distance ratio it rewards (mean |pixel| change in [-1, 1] per mean |z| change).
+    div_weight: float = 0.0
+    div_tau: float = 0.15
+    div_pool: int = 1  # measure the distance on pool x pool averages: layout, not texture
+    # False: the style vector comes from z alone and the caption reaches G through its cross-attention
+    # only (the flow U-Net's pooled_cond=False; mean-pooled sentence vectors are nearly order-blind).
+    g_pooled: bool = True
 
     def __post_init__(self):
         if self.family != "gan":
@@ -71,6 +79,9 @@ class GANConfig:
                 raise ConfigError(f"GANConfig.heads: {self.heads} does not divide {w} channels at {a} px")
         if self.match_negatives not in ("hard", "roll"):
             raise ConfigError(f"GANConfig.match_negatives: {self.match_negatives!r} is not 'hard' or 'roll'")
+        if self.div_weight < 0 or self.div_tau <= 0 or self.div_pool < 1 or self.resolution % self.div_pool:
+            raise ConfigError("GANConfig.div_weight must be >= 0, div_tau > 0 and div_pool a divisor of the "
+                              f"resolution, got {self.div_weight}, {self.div_tau}, {self.div_pool}")
         if self.reg_every < 1:
             raise ConfigError("GANConfig.reg_every: must be >= 1")
 
@@ -160,10 +171,12 @@ class Generator(nn.Module):
         self.cfg = cfg
         D, W = cfg.text_dim, cfg.w_dim
         self.text_norm = nn.LayerNorm(D)
-        self.text_proj = nn.Linear(D, W)
+        if cfg.g_pooled:
+            self.text_proj = nn.Linear(D, W)
         layers: list[nn.Module] = []
+        z_in = cfg.z_dim + (W if cfg.g_pooled else 0)
         for i in range(cfg.mapping_layers):
-            layers += [nn.Linear(cfg.z_dim + W if i == 0 else W, W), nn.LeakyReLU(0.2)]
+            layers += [nn.Linear(z_in if i == 0 else W, W), nn.LeakyReLU(0.2)]
         self.mapping = nn.Sequential(*layers)
         c0 = cfg.g_widths[0]
         self.start = nn.Linear(W, c0 * 16)  # layout at 4x4 from z and text
@@ -185,12 +198,13 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:
         """z [B,Z], tokens [B,L,D], mask bool [B,L], pooled [B,D] -> image [B,3,R,R] in [-1,1]."""
-        dtype = self.text_proj.weight.dtype
+        dtype = self.start.weight.dtype
         ctx = self.text_norm(tokens.to(dtype))  # [B, L, D]
-        t = self.text_proj(self.text_norm(pooled.to(dtype)))  # [B, W]
         z = z.to(dtype)
         z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)  # StyleGAN's 2nd-moment norm
-        w = self.mapping(torch.cat([z, t], 1))  # [B, W]
+        if self.cfg.g_pooled:
+            z = torch.cat([z, self.text_proj(self.text_norm(pooled.to(dtype)))], 1)  # [B, Z + W]
+        w = self.mapping(z)  # [B, W]
         x = self.start(w).view(-1, self.cfg.g_widths[0], 4, 4)  # [B, C0, 4, 4]
         for res, block in zip(self.cfg.stage_res, self.blocks):
             x = block(x, w)  # [B, C_res, res, res]

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from t2i.config import TrainConfig
 from t2i.models.gan import Discriminator, Generator
 from t2i.runtime import Runtime, row_draws
-from t2i.train.losses import grad_sq_norm, matching_loss, rpgan_d_loss, rpgan_g_loss
+from t2i.train.losses import diversity_loss, grad_sq_norm, matching_loss, rpgan_d_loss, rpgan_g_loss
 from t2i.train.state import (
     TrainState,
     clip_grads,
@@ -41,11 +41,11 @@ def make_gan_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) -> 
     return TrainState(model_cfg, train_cfg, runtime, {"G": G, "D": D}, new_ema(G), opts)
 
 
-def gan_noise(seeds: torch.Tensor, step: int, z_dim: int, device: torch.device) -> torch.Tensor:
-    """z [B, z_dim] for one step from (sample seed, step) only, never from the rank."""
+def gan_noise(seeds: torch.Tensor, step: int, z_dim: int, device: torch.device, tag: str = "z") -> torch.Tensor:
+    """z [B, z_dim] for one step from (sample seed, step, tag) only, never from the rank."""
     seeds_l = [int(s) for s in seeds.tolist()]
-    return row_draws([(s, step, "z") for s in seeds_l], [("normal", (z_dim,))], device,
-                     batch_key=(step, "z", *seeds_l))[0]
+    return row_draws([(s, step, tag) for s in seeds_l], [("normal", (z_dim,))], device,
+                     batch_key=(step, tag, *seeds_l))[0]
 
 
 def _sync_grads(module: nn.Module) -> None:
@@ -160,6 +160,12 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
                 g_fake, loss_g_match = D(fake, tokens, mask, pooled).float(), real.new_zeros(())  # [B]
             loss_g_adv = rpgan_g_loss(g_real, g_fake)
             loss_g = loss_g_adv + cfg.g_match_weight * loss_g_match
+            if cfg.div_weight > 0:  # a second z for the first half's captions: how far apart do the images land?
+                h = max(1, B // 2)
+                z2 = gan_noise(batch["seed"][:h], state.step, cfg.z_dim, real.device, tag="z2")
+                fake2 = G(z2, tokens[:h], mask[:h], pooled[:h])  # [h, 3, R, R]
+                loss_div = diversity_loss(fake[:h], fake2, z[:h], z2, cfg.div_tau, cfg.div_pool)
+                loss_g = loss_g + cfg.div_weight * loss_div
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
     finally:
@@ -175,4 +181,6 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
         "loss_g_adv": loss_g_adv, "loss_g_match": loss_g_match, "r1": r1, "r2": r2,
         "d_gap": (d_real - d_fake).mean(), "grad_norm_d": gn_d, "grad_norm_g": gn_g,
     }
+    if cfg.div_weight > 0:  # logged only when it is part of the loss
+        metrics["loss_div"] = loss_div
     return {**{k: v.detach().float() for k, v in metrics.items()}, "reg": float(reg), "lr": lr_g, "lr_d": lr_d}

@@ -42,6 +42,24 @@ def matching_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor,
     return (F.softplus(mismatched_logits - matched_logits) * v).sum() / v.sum().clamp(min=1)
 
 
+def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+                   tau: float, pool: int = 1) -> torch.Tensor:
+    """Diversity-sensitive term for G: -E[min(|x1 - x2|_1 / |z1 - z2|_1, tau)], for two latents z1, z2
+    [B,Z] with the same caption and their images x1, x2 [B,...] (Yang et al. 2019, "Diversity-
+    Sensitive Conditional Generative Adversarial Networks", eq. 2; the mode-seeking ratio of Mao
+    et al. 2019, MSGAN, eq. 3). A conditional G that ignores z (mode collapse) has ratio 0; the
+    clip at tau stops G from buying distance with artefacts once its images vary as much as needed.
+    Distances are per-row means, so the ratio does not depend on the resolution or z's size.
+    pool > 1 measures the images' distance after a pool x pool average: layout (where, how big)
+    counts, pixel texture does not, so G cannot buy distance with high-frequency noise.
+    """
+    if pool > 1:
+        x1, x2 = F.avg_pool2d(x1.float(), pool), F.avg_pool2d(x2.float(), pool)  # [B, C, H/pool, W/pool]
+    dx = (x1.float() - x2.float()).abs().flatten(1).mean(1)  # [B]
+    dz = (z1.float() - z2.float()).abs().flatten(1).mean(1)  # [B]
+    return -(dx / dz.clamp(min=1e-6)).clamp(max=tau).mean()
+
+
 def grad_sq_norm(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Per-sample ||grad_x D(x)||^2 [B], the zero-centred gradient penalty before its gamma / 2.
 
