@@ -52,6 +52,7 @@ PRESETS: dict[str, Preset] = {
     # 71.3% / 71.1% / 0.14 (mode collapse: every image of a prompt in one place) and adding the
     # term (weight 5) 62.5% / 65.6% / 0.55, both from ~1,560 steps (passive OpenMP threads); z-only
     # style 74.4% / 45.3% / 0.50 and z-only style with the term 81.2% / 79.7% / 0.56 (~2,450 steps).
+    # The benchmark's 10-minute table with this preset: 97.5% / 92.2% / 0.66 after 4,212 steps.
     "gan-s": _gan(dict(steps=5000, batch_size=32, lr=1e-3, lr_d=1e-3, warmup_steps=100, ema_decay=0.995),
                   resolution=32, d_widths=(32, 64, 128), r1_gamma=0.1, r2_gamma=0.1, g_pooled=False,
                   div_weight=5.0, div_pool=4),
@@ -82,7 +83,8 @@ PRESETS: dict[str, Preset] = {
     # modulating every block, 10 minutes read 98.8% / 79.7% (a held-out white circle drawn as a
     # rounded square 78% of the time); without it, 100% / 100% (1,500 steps). On that checkpoint
     # guidance 4.5 / 3 / 2 all read 100% / 100%, with diversity ratios 0.58 / 0.66 / 0.71; at 4
-    # Euler steps guidance 2 reads 100% / 100% too (4.5: 98.1% / 96.9%).
+    # Euler steps guidance 2 reads 100% / 100% too (4.5: 98.1% / 96.9%). The benchmark's 10-minute
+    # table with this preset: 100% / 100% after 1,996 steps, also at 4 and 8 steps; diversity 0.76.
     "flow-s": _flow(dict(steps=2000, batch_size=64, lr=1e-3, warmup_steps=20, ema_decay=0.995, log_every=50),
                     resolution=32, arch="unet", unet_channels=(64, 64), unet_shuffle=2, unet_attn=(8,), width=128,
                     heads=2, prediction="x", t_mean=0.8, t_std=0.8, steps=20, guidance=2.0, pooled_cond=False),

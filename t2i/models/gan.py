@@ -1,11 +1,12 @@
 """Text-conditional GAN: one forward pass per image.
 
-Generator: a style vector w = mapping(z, pooled text) sets the layout through a learned 4x4
-start and modulates every block (adaptive GroupNorm, FiLM-style); masked cross-attention to the
-token states at low resolutions lets individual words (a colour, a shape) steer the image.
+Generator: a style vector w = mapping(z, pooled text), or mapping(z) with g_pooled=False, sets the
+layout through a learned 4x4 start and modulates every block (adaptive GroupNorm, FiLM-style);
+masked cross-attention to the token states at low resolutions lets individual words (a colour, a
+shape) steer the image.
 Discriminator: a residual conv trunk without normalisation (R3GAN's choice: R1/R2 penalties
 assume a per-sample function), optional cross-attention to the tokens, and a projection head
-with the pooled text (Miyato & Koyama 2018, eq. 3). Losses: t2i.losses (GAN section).
+with the pooled text (Miyato & Koyama 2018, eq. 3). Losses: t2i.train.losses (GAN section).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class Generator(nn.Module):
             layers += [nn.Linear(z_in if i == 0 else W, W), nn.LeakyReLU(0.2)]
         self.mapping = nn.Sequential(*layers)
         c0 = cfg.g_widths[0]
-        self.start = nn.Linear(W, c0 * 16)  # layout at 4x4 from z and text
+        self.start = nn.Linear(W, c0 * 16)  # layout at 4x4 from the style vector
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
         cin = c0
