@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 # OpenMP's wait policy is left to OpenMP: the benchmark is meant to run bare, where passive waiting
-# (OMP_WAIT_POLICY=PASSIVE, which a shared machine may want) costs 26% of flow-s's and 32% of
+# (OMP_WAIT_POLICY=PASSIVE, which a shared machine may want) costs 26% of flow-s's and 33% of
 # gan-s's training steps per second on 2 cores (395 vs 293 and 179 vs 120 ms per step).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -80,8 +80,8 @@ PRESETS: dict[str, Preset] = {
     # convs; 222 img/s) read 73.8% / 54.7% from 1,063. x prediction and a logit-normal centred at
     # 0.8 (towards noise) learn the layout fast; centred at 0 it read 70.0% / 54.7%. The caption
     # enters by cross-attention only (pooled_cond=False): with the pooled sentence vector also
-    # modulating every block, 10 minutes read 98.8% / 79.7% (a held-out white circle drawn as a
-    # rounded square 78% of the time); without it, 100% / 100% (1,500 steps). On that checkpoint
+    # modulating every block, 10 minutes read 98.8% / 79.7% (the held-out white circle read as
+    # another shape 78% of the time); without it, 100% / 100% (1,500 steps). On that checkpoint
     # guidance 4.5 / 3 / 2 all read 100% / 100%, with diversity ratios 0.58 / 0.66 / 0.71; at 4
     # Euler steps guidance 2 reads 100% / 100% too (4.5: 98.1% / 96.9%). The benchmark's 10-minute
     # table with this preset: 100% / 100% after 1,996 steps, also at 4 and 8 steps; diversity 0.76.

@@ -53,9 +53,10 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, z1: torch.Tensor, z2: tor
     pool > 1 measures the images' distance after a pool x pool average: layout (where, how big)
     counts, pixel texture does not, so G cannot buy distance with high-frequency noise.
     """
+    x1, x2 = x1.float(), x2.float()
     if pool > 1:
-        x1, x2 = F.avg_pool2d(x1.float(), pool), F.avg_pool2d(x2.float(), pool)  # [B, C, H/pool, W/pool]
-    dx = (x1.float() - x2.float()).abs().flatten(1).mean(1)  # [B]
+        x1, x2 = F.avg_pool2d(x1, pool), F.avg_pool2d(x2, pool)  # [B, C, H/pool, W/pool]
+    dx = (x1 - x2).abs().flatten(1).mean(1)  # [B]
     dz = (z1.float() - z2.float()).abs().flatten(1).mean(1)  # [B]
     return -(dx / dz.clamp(min=1e-6)).clamp(max=tau).mean()
 
