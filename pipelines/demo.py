@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="flow-s", help="preset to train (default: %(default)s; gan-s also works)")
     p.add_argument("--num", type=int, default=20000, help="shapes samples to generate (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=32, help="image size in pixels (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default: %(default)s, a demo budget)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps (default: %(default)s, a demo budget)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--per-prompt", type=int, default=8, help="images per evaluation prompt (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo(out: str = "demo-out", *, data: str = "shapes", model: str = "flow-s", num: int = 20000, resolution: int = 32,
-         steps: int = 2000, workers: int = 2, per_prompt: int = 8, address: str | None = None,
+         steps: int = 4000, workers: int = 2, per_prompt: int = 8, address: str | None = None,
          overwrite: bool = False) -> dict:
     """shapes -> embed -> train + register -> generate -> score, on one Ray cluster; returns the report."""
     out = os.path.abspath(out)

@@ -203,15 +203,33 @@ class TrainConfig:
     sample_every: int = 0  # 0 = at checkpoints only
     # Flow only: a checkpoint directory whose EMA network this run distils into a one-step
     # student (same architecture, started from the teacher's weights); the teacher solves each
-    # row's ODE in `teacher_steps` of its own solver steps, with its own guidance.
+    # row's ODE in `teacher_steps` steps of `teacher_sampler` with `teacher_guidance` (""/0: the
+    # teacher's own solver and guidance).
     teacher: str = ""
     teacher_steps: int = 4
+    teacher_guidance: float = 0.0
+    teacher_sampler: str = ""  # "euler" or "heun"; "": the teacher's own
+    # > 0: adversarial distillation (Sauer et al. 2023 ADD / 2024 LADD): the discriminator of the GAN
+    # preset `distill_d` (its widths and R1/R2 gammas, at the student's resolution) learns to tell the
+    # teacher's samples from the student's, caption by caption, and the student adds this weight
+    # times R3GAN's generator loss to the regression. On the 32 px shapes, 5 minutes at 0.1 did
+    # worse than the regression alone (t2i/presets.py, flow1-s); it is there for longer budgets.
+    distill_adv: float = 0.0
+    distill_d: str = "gan-s"
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"TrainConfig.lr_schedule: {self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
         if self.teacher_steps < 1:
             raise ConfigError(f"TrainConfig.teacher_steps: must be >= 1, got {self.teacher_steps}")
+        if self.distill_adv < 0:
+            raise ConfigError(f"TrainConfig.distill_adv: must be >= 0, got {self.distill_adv}")
+        if self.teacher_sampler not in ("", "euler", "heun"):
+            raise ConfigError(f"TrainConfig.teacher_sampler: 'euler', 'heun' or '' (the teacher's own), got "
+                              f"{self.teacher_sampler!r}")
+        if self.teacher_guidance < 0:
+            raise ConfigError(f"TrainConfig.teacher_guidance: must be >= 0 (0 = the teacher's own), got "
+                              f"{self.teacher_guidance}")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ConfigError(f"TrainConfig.lr_final: {self.lr_final} is not a fraction of lr in [0, 1]")
 

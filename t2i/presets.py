@@ -52,7 +52,8 @@ PRESETS: dict[str, Preset] = {
     # 71.3% / 71.1% / 0.14 (mode collapse: every image of a prompt in one place) and adding the
     # term (weight 5) 62.5% / 65.6% / 0.55, both from ~1,560 steps (passive OpenMP threads); z-only
     # style 74.4% / 45.3% / 0.50 and z-only style with the term 81.2% / 79.7% / 0.56 (~2,450 steps).
-    # The benchmark's 10-minute table with this preset: 97.5% / 92.2% / 0.66 after 4,212 steps.
+    # The benchmark's 10-minute table with this preset: 100% / 95.3% / 0.71 after 4,741 steps (an
+    # earlier run of it: 97.5% / 92.2% / 0.66 after 4,212).
     "gan-s": _gan(dict(steps=5000, batch_size=32, lr=1e-3, lr_d=1e-3, warmup_steps=100, ema_decay=0.995),
                   resolution=32, d_widths=(32, 64, 128), r1_gamma=0.1, r2_gamma=0.1, g_pooled=False,
                   div_weight=5.0, div_pool=4),
@@ -74,19 +75,23 @@ PRESETS: dict[str, Preset] = {
     "flow-debug": _flow(dict(steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.99, log_every=20),
                         resolution=16, patch=2, width=64, depth=2, heads=2, steps=8),
     # Tuned on the 32 px shapes set for a 10-minute, 2-core CPU budget (benchmarks/quality_shapes.py):
-    # a small conv U-Net working at 16 px on 2x2 pixel blocks (pixel unshuffle) with cross-attention
-    # at 8 px. At 5 minutes it read 80.6% / 50.8% (seen / held-out) from 739 steps, where the
-    # patch-8 DiT recipe that came before it (width 192, depth 4, conv MLP, long skips, output
-    # convs; 222 img/s) read 73.8% / 54.7% from 1,063. x prediction and a logit-normal centred at
-    # 0.8 (towards noise) learn the layout fast; centred at 0 it read 70.0% / 54.7%. The caption
-    # enters by cross-attention only (pooled_cond=False): with the pooled sentence vector also
-    # modulating every block, 10 minutes read 98.8% / 79.7% (the held-out white circle read as
-    # another shape 78% of the time); without it, 100% / 100% (1,500 steps). On that checkpoint
-    # guidance 4.5 / 3 / 2 all read 100% / 100%, with diversity ratios 0.58 / 0.66 / 0.71; at 4
-    # Euler steps guidance 2 reads 100% / 100% too (4.5: 98.1% / 96.9%). The benchmark's 10-minute
-    # table with this preset: 100% / 100% after 1,996 steps, also at 4 and 8 steps; diversity 0.76.
-    "flow-s": _flow(dict(steps=2000, batch_size=64, lr=1e-3, warmup_steps=20, ema_decay=0.995, log_every=50),
-                    resolution=32, arch="unet", unet_channels=(64, 64), unet_shuffle=2, unet_attn=(8,), width=128,
+    # a small conv U-Net working at 8 px on 4x4 pixel blocks (pixel unshuffle) with cross-attention
+    # at 4 px. On 2x2 blocks (16 px, attention at 8 px) a forward cost 3.7x as much (534 against
+    # 1,997 img/s at batch 64): 10 minutes gave 1,996 steps against 5,300, both read 100% / 100%
+    # (diversity 0.76 and 0.68), and only the 4x4 network's one-step student is fast enough.
+    # Measured on 2x2 blocks: at 5 minutes it read 80.6% / 50.8% (seen / held-out) from 739 steps,
+    # where the patch-8 DiT recipe that came before it (width 192, depth 4, conv MLP, long skips,
+    # output convs; 222 img/s) read 73.8% / 54.7% from 1,063. x prediction and a logit-normal
+    # centred at 0.8 (towards noise) learn the layout fast; centred at 0 it read 70.0% / 54.7%.
+    # The caption enters by cross-attention only (pooled_cond=False): with the pooled sentence
+    # vector also modulating every block, 10 minutes read 98.8% / 79.7% (the held-out white circle
+    # read as another shape 78% of the time); without it, 100% / 100% (1,500 steps). On that
+    # checkpoint guidance 4.5 / 3 / 2 all read 100% / 100%, with diversity ratios 0.58 / 0.66 /
+    # 0.71; at 4 Euler steps guidance 2 reads 100% / 100% too (4.5: 98.1% / 96.9%). The
+    # benchmark's 10-minute table with this preset: 100% / 100% after 6,000 steps (9.9 minutes),
+    # also at 4 and 8 Euler or Heun steps; diversity 0.66.
+    "flow-s": _flow(dict(steps=6000, batch_size=64, lr=1e-3, warmup_steps=20, ema_decay=0.995, log_every=50),
+                    resolution=32, arch="unet", unet_channels=(64, 64), unet_shuffle=4, unet_attn=(4,), width=128,
                     heads=2, prediction="x", t_mean=0.8, t_std=0.8, steps=20, guidance=2.0, pooled_cond=False),
     "flow-b": _flow(dict(steps=100_000, batch_size=256, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
                          log_every=100, checkpoint_every=5000),
@@ -102,11 +107,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 # One-step flow: flow-s's network, distilled from a trained flow-s checkpoint (`train.teacher`)
-# into a single Euler step from pure noise with the guidance baked in (Luhman & Luhman 2021).
+# into a single Euler step from pure noise with the guidance baked in (Luhman & Luhman 2021). The
+# targets are the teacher's 8 Heun steps at guidance 1.75. 5-minute probes on one 10-minute
+# teacher, seen / held-out / diversity ratio (steps): its own 8 Euler steps at guidance 2 gave
+# 100% / 96.9% / 0.52 (532), and 100% / 99.2% / 0.53 after 10 minutes (1,075); guidance 1.5
+# 99.4% / 91.4% / 0.58 (555); Heun at 1.75 99.4% / 90.6% / 0.59 (352). The student's diversity
+# lands ~0.11 under its targets' (0.63 / 0.70 / about 0.71) whatever else changed: lr 1e-3 0.50,
+# a pseudo-Huber loss 0.52, starting from the time input 0.8 (where the teacher already draws a
+# varied layout from noise) 0.52, the adversarial term at 0.1 (`distill_adv`, gan-s's D) 96.3% /
+# 80.5% / 0.45, the GAN's diversity-sensitive term at weight 5 91.2% / 81.2% / 0.58.
 PRESETS["flow1-s"] = Preset(
     dataclasses.replace(PRESETS["flow-s"].model, steps=1, guidance=1.0),
     dataclasses.replace(PRESETS["flow-s"].train, steps=700, lr=3e-4, warmup_steps=10, ema_decay=0.99,
-                        teacher_steps=4), distils=True)
+                        teacher_steps=8, teacher_sampler="heun", teacher_guidance=1.75), distils=True)
 
 
 def check_teacher(name: str, model_cfg: Any, train_cfg: TrainConfig) -> None:

@@ -300,6 +300,36 @@ def test_one_step_student_learns_its_teachers_samples(tmp_path):
     assert set(load_checkpoint(str(tmp_path / "student")).modules) == {"model"}
 
 
+def test_adversarial_distillation_trains_a_discriminator(tmp_path):
+    """`distill_adv` builds the GAN preset's discriminator beside the student, steps it on (teacher,
+    student) samples, logs its loss and changes the student's step; off, none of that; a preset
+    of another resolution is a clear error."""
+    from t2i.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_cfg(prediction="x", resolution=16, **UNET)  # 16 px: gan-debug's discriminator
+    _teacher_checkpoint(tmp_path / "teacher", cfg)
+    base = replace(get_preset("flow-debug").train, steps=2, lr=2e-3, warmup_steps=0, ema_decay=0.0,
+                   teacher=str(tmp_path / "teacher"), teacher_steps=2)
+    batch = _overfit_batch(8, 16, D)
+    runs = {}
+    for name, over in {"plain": {}, "adv": {"distill_adv": 0.5, "distill_d": "gan-debug"}}.items():
+        state = make_state(replace(cfg, steps=1, guidance=1.0), replace(base, **over), setup_runtime("cpu"))
+        d_before = {k: v.clone() for k, v in state.modules["D"].state_dict().items()} if "D" in state.modules else {}
+        logs = train_step(state, batch)
+        runs[name] = (logs, {k: v.clone() for k, v in state.modules["model"].state_dict().items()}, state, d_before)
+    assert "loss_d" in runs["adv"][0] and "loss_d" not in runs["plain"][0]
+    assert set(runs["plain"][2].modules) == {"model"} and set(runs["adv"][2].modules) == {"model", "D"}
+    d_now = runs["adv"][2].modules["D"].state_dict()
+    assert any(not torch.equal(v, runs["adv"][3][k]) for k, v in d_now.items())  # D took a step
+    assert any(not torch.equal(v, runs["plain"][1][k]) for k, v in runs["adv"][1].items())
+    save_checkpoint(str(tmp_path / "student"), runs["adv"][2])  # D is saved with the student, for a resume
+    assert set(load_checkpoint(str(tmp_path / "student")).modules) == {"model", "D"}
+    with pytest.raises(ConfigError, match="distill_d: gan-s is a 32 px"):
+        make_state(replace(cfg, steps=1, guidance=1.0), replace(base, distill_adv=0.5), setup_runtime("cpu"))
+    with pytest.raises(ConfigError, match="teacher_sampler"):
+        replace(base, teacher_sampler="rk4")
+
+
 def test_distillation_needs_a_matching_teacher(tmp_path):
     from t2i.presets import check_teacher
 

@@ -48,7 +48,7 @@ def gan_noise(seeds: torch.Tensor, step: int, z_dim: int, device: torch.device, 
                      batch_key=(step, tag, *seeds_l))[0]
 
 
-def _sync_grads(module: nn.Module) -> None:
+def sync_grads(module: nn.Module) -> None:
     """Average the gradients of a DDP-wrapped module over its process group, by hand.
 
     The GAN step runs its forwards on the bare modules: R1/R2 need a double backward through D
@@ -90,7 +90,7 @@ def mismatched_rows(pooled: torch.Tensor, how: str = "hard") -> tuple[torch.Tens
     return sim.argmax(1), ~same.all(1)
 
 
-def _double_backward_attention(enabled: bool):
+def double_backward_attention(enabled: bool):
     """R1/R2 differentiate D's input gradient again; the fused attention kernels (flash,
     memory-efficient, CPU flash) have no double backward, the math kernel has."""
 
@@ -128,7 +128,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
         fake = G(z, tokens, mask, pooled)  # [B, 3, R, R]
         x = torch.cat([real, fake.detach()]).requires_grad_(reg)  # [2B, 3, R, R]: reals, fakes
         if reg:  # the penalty's double backward covers reals and fakes, not the wrong-caption rows
-            with _double_backward_attention(True):
+            with double_backward_attention(True):
                 logits_rf = D(x, *(t[: 2 * B] for t in text))  # [2B]
             logits = torch.cat([logits_rf, D(real, *(t[2 * B:] for t in text))])  # [3B]
         else:
@@ -144,7 +144,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
             loss_d = loss_d + cfg.reg_every * (cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
-    _sync_grads(state.modules["D"])
+    sync_grads(state.modules["D"])
     gn_d = clip_grads(D, tc.grad_clip)
     opt_d.step()
 
@@ -170,7 +170,7 @@ def gan_train_step(state: TrainState, batch: dict[str, torch.Tensor]) -> dict[st
         loss_g.backward()
     finally:
         D.requires_grad_(True)
-    _sync_grads(state.modules["G"])
+    sync_grads(state.modules["G"])
     gn_g = clip_grads(G, tc.grad_clip)
     opt_g.step()
     ema_update(state.ema, G, ema_decay_at(state.step, tc))

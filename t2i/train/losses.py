@@ -98,14 +98,12 @@ def flow_matching_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tens
     return F.mse_loss(v.float(), (eps - x0).float())
 
 
-def one_step_distillation_loss(model, noise: torch.Tensor, target: torch.Tensor, *cond, **kw) -> torch.Tensor:
+def one_step_distillation_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One-step knowledge distillation of a flow sampler: the student's single Euler step from
     t = 1, x = noise - v_theta(noise, 1, c), regresses the teacher's multi-step ODE solution from
     the same noise, E ||x - ODE_teacher(noise, c)||^2 (Luhman & Luhman 2021, "Knowledge
     Distillation in Iterative Generative Models for Improved Sampling Speed", eq. 4; the target
     carries the teacher's classifier-free guidance, so the student samples without it).
-    noise, target [B,3,H,W]; `cond`/`kw` go to the model after (x, t).
+    x, target [B,3,H,W].
     """
-    t = torch.ones(noise.shape[0], device=noise.device)
-    x = noise - model(noise, t, *cond, **kw)
     return F.mse_loss(x.float(), target.float())
