@@ -12,6 +12,7 @@ from t2i.config import TrainConfig
 from t2i.errors import ConfigError
 from t2i.models.flow import flow_network
 from t2i.models.gan import Discriminator, GANConfig
+from t2i.presets import get_preset
 from t2i.runtime import Runtime, row_draws
 from t2i.sampling import flow_sample
 from t2i.train.gan import double_backward_attention, sync_grads
@@ -67,15 +68,13 @@ def make_flow_state(model_cfg: Any, train_cfg: TrainConfig, runtime: Runtime) ->
         if train_cfg.distill_adv > 0:
             modules["D"] = Discriminator(distill_d_config(model_cfg, train_cfg)).to(runtime.device)
             opts["D"] = optimizer(modules["D"].parameters(), train_cfg.lr_d or train_cfg.lr, (0.0, 0.99),
-                                  runtime.device)
+                                  runtime.device)  # the GAN presets' betas: no momentum for D
     return TrainState(model_cfg, train_cfg, runtime, modules, new_ema(model), opts, frozen=frozen)
 
 
 def distill_d_config(model_cfg: Any, train_cfg: TrainConfig) -> GANConfig:
     """The adversarial distillation's discriminator config: GAN preset `distill_d`'s, for the student's
     text width; the preset must draw at the student's resolution."""
-    from t2i.presets import get_preset  # here: the preset table imports the model files this module does
-
     gan = get_preset(train_cfg.distill_d).model
     if gan.family != "gan" or gan.resolution != model_cfg.resolution:
         raise ConfigError(f"train.distill_d: {train_cfg.distill_d} is a {gan.resolution} px {gan.family} preset; "
